@@ -1,0 +1,310 @@
+"""FastLanguageModel: the entry point fine-tuning scripts already call.
+
+from_pretrained -> (transformers model with fasttune's forward, tokenizer)
+get_peft_model  -> peft.PeftModel with LoRA adapters
+for_inference / for_training -> switch modes (and the tokenizer's padding side)
+"""
+
+from __future__ import annotations
+
+import os
+import torch
+
+from . import hub
+from .data.tokenizer import fix_tokenizer as _fix_tokenizer
+from .memory.checkpointing import checkpoint_mode, set_gradient_checkpointing
+from .models import fast_state, install_fast_forward
+from .save import attach_save_methods
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_WHOLE_MODULES = ("embed_tokens", "lm_head")  # trained in full (modules_to_save), not through LoRA
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def _notice(message: str) -> None:
+    print(f"fasttune: {message}", flush=True)
+
+
+def _not_yet(argument: str, value, what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{argument}={value!r} is not available in fasttune yet ({what}). "
+        f"Remove the argument or pass its default."
+    )
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not a known dtype; use torch.bfloat16, torch.float16 or torch.float32")
+        return _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32")
+    return dtype
+
+
+def _device_map(device_map):
+    if not torch.cuda.is_available():
+        return None
+    if isinstance(device_map, str) and device_map in ("sequential", "auto", "balanced", "balanced_low_0", "cuda"):
+        # fasttune's forward keeps a model on one device; under torch.distributed each rank takes its own GPU.
+        return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    return device_map
+
+
+def _check_one_device(model) -> None:
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise NotImplementedError(
+            f"the model was spread over {sorted(map(str, devices))}; fasttune's forward needs the whole model on one "
+            "device. Pass device_map={'': 0} (or the GPU of this rank)."
+        )
+
+
+class FastLanguageModel:
+    """Loading, adapters and mode switches, with the signatures fine-tuning scripts already use."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str = hub.DEFAULT_MODEL,
+        max_seq_length: int = 2048,
+        dtype=None,
+        load_in_4bit: bool = True,
+        load_in_8bit: bool = False,
+        load_in_16bit: bool = False,
+        full_finetuning: bool = False,
+        token: str | None = None,
+        device_map="sequential",
+        rope_scaling: dict | None = None,
+        fix_tokenizer: bool = True,
+        trust_remote_code: bool = False,
+        use_gradient_checkpointing="unsloth",
+        resize_model_vocab: int | None = None,
+        revision: str | None = None,
+        use_exact_model_name: bool = False,
+        offload_embedding: bool = False,
+        float32_mixed_precision: bool | None = None,
+        fast_inference: bool = False,
+        gpu_memory_utilization: float = 0.5,
+        float8_kv_cache: bool = False,
+        random_state: int = 3407,
+        max_lora_rank: int = 64,
+        disable_log_stats: bool = True,
+        qat_scheme=None,
+        load_in_fp8=False,
+        unsloth_tiled_mlp: bool = False,
+        **kwargs,
+    ):
+        """Load a causal LM and its tokenizer with fasttune's forward installed.
+
+        `use_exact_model_name` is accepted for compatibility: fasttune never rewrites model names.
+        `gpu_memory_utilization`, `max_lora_rank` and `disable_log_stats` configure `fast_inference`
+        and have no effect without it.
+        """
+        if load_in_4bit and load_in_8bit:
+            raise ValueError("load_in_4bit=True and load_in_8bit=True exclude each other; choose one")
+        if load_in_4bit and not (load_in_16bit or full_finetuning):
+            raise _not_yet("load_in_4bit", True, "4-bit QLoRA loading arrives with quantization support; "
+                           "pass load_in_4bit=False to load 16-bit weights")
+        for argument, value, default, what in (
+            ("load_in_8bit", load_in_8bit, False, "8-bit weights arrive with quantization support"),
+            ("load_in_fp8", load_in_fp8, False, "FP8 weights arrive with quantization support"),
+            ("full_finetuning", full_finetuning, False, "full fine-tuning arrives with quantization support"),
+            ("fast_inference", fast_inference, False, "the batched inference engine is a later feature"),
+            ("float8_kv_cache", float8_kv_cache, False, "it belongs to fast_inference"),
+            ("offload_embedding", offload_embedding, False, "embedding offload is a later memory feature"),
+            ("unsloth_tiled_mlp", unsloth_tiled_mlp, False, "the tiled MLP is a later memory feature"),
+            ("qat_scheme", qat_scheme, None, "quantization-aware training is not supported"),
+        ):
+            if value != default:
+                raise _not_yet(argument, value, what)
+        gc_mode = checkpoint_mode(use_gradient_checkpointing)
+        if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
+            raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
+        if kwargs.pop("load_in_4bit_quant_type", None) is not None:
+            raise _not_yet("load_in_4bit_quant_type", "...", "4-bit loading arrives with quantization support")
+        torch_dtype = resolve_dtype(dtype if dtype is not None else kwargs.pop("torch_dtype", None))
+
+        source = hub.resolve(model_name)
+        if source.adapter_dir is not None:
+            return _load_adapter(source, locals())
+
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        common = dict(token=token, revision=revision, trust_remote_code=trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(source.path, **common)
+        except OSError as err:
+            if source.local:
+                raise
+            raise hub.hub_error(source.path, err) from err
+        if rope_scaling is not None:
+            _apply_rope_scaling(config, rope_scaling)
+        if getattr(config, "quantization_config", None) is not None:
+            raise _not_yet("a pre-quantized checkpoint", source.path, "quantized checkpoints arrive with quantization support")
+
+        torch.manual_seed(random_state)
+        kwargs.setdefault("attn_implementation", "sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, config=config, dtype=torch_dtype, device_map=_device_map(device_map), **common, **kwargs
+        )
+        hub.clear_quantization_marks(model)  # harmless on plain checkpoints
+        _check_one_device(model)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
+        if fix_tokenizer:
+            _fix_tokenizer(tokenizer, model)
+        tokenizer.padding_side = "right"
+        if max_seq_length:
+            tokenizer.model_max_length = max_seq_length
+        if resize_model_vocab is not None:
+            model.resize_token_embeddings(int(resize_model_vocab))
+
+        if not install_fast_forward(model):
+            _notice(f"model_type {model.config.model_type!r} has no fast forward yet; using the transformers forward")
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions and max_seq_length and max_seq_length > positions and rope_scaling is None:
+            _notice(f"max_seq_length={max_seq_length} exceeds the {positions} positions this model was trained on; "
+                    "pass rope_scaling to extend its context")
+        model.max_seq_length = max_seq_length
+        model._fasttune_tokenizer = tokenizer
+        model._fasttune_checkpointing = gc_mode
+        model._fasttune_adapter_fp32 = float32_mixed_precision is not False
+        attach_save_methods(model)
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model,
+        r: int = 16,
+        target_modules=DEFAULT_TARGET_MODULES,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        layers_to_transform=None,
+        layers_pattern=None,
+        use_gradient_checkpointing="unsloth",
+        random_state: int = 3407,
+        max_seq_length: int | None = None,
+        use_rslora: bool = False,
+        modules_to_save=None,
+        init_lora_weights=True,
+        loftq_config=None,
+        temporary_location: str | None = None,
+        **kwargs,
+    ):
+        """Add LoRA adapters and return a `peft.PeftModel`. `embed_tokens` / `lm_head` in target_modules
+        are trained in full (PEFT's modules_to_save), as LoRA on them is rarely what is meant.
+        `temporary_location` and `max_seq_length` are accepted for compatibility and unused."""
+        from peft import LoraConfig, PeftModel
+        from peft import get_peft_model as peft_get_peft_model
+
+        if isinstance(model, PeftModel):
+            raise ValueError(
+                "this model already has LoRA adapters; call get_peft_model on the base model, or keep training "
+                "the adapters it has"
+            )
+        if loftq_config not in (None, {}):
+            raise _not_yet("loftq_config", loftq_config, "LoftQ initialisation is not supported")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        if lora_alpha is None or lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive, got {lora_alpha!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+        gc_mode = checkpoint_mode(use_gradient_checkpointing)
+
+        targets = target_modules
+        extra_full = []
+        if not isinstance(targets, str):
+            targets = list(targets)
+            extra_full = [m for m in targets if m in _WHOLE_MODULES]
+            targets = [m for m in targets if m not in _WHOLE_MODULES]
+            if not targets:
+                raise ValueError(f"target_modules={target_modules!r} names no module to put LoRA adapters on")
+        save = list(modules_to_save or []) + [m for m in extra_full if m not in (modules_to_save or [])]
+
+        try:
+            config = LoraConfig(
+                r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), bias=bias, target_modules=targets,
+                use_rslora=use_rslora, modules_to_save=save or None, init_lora_weights=init_lora_weights,
+                layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, task_type="CAUSAL_LM",
+                **kwargs,
+            )
+        except TypeError as err:
+            raise TypeError(f"get_peft_model got an argument LoRA does not know: {err}") from err
+        torch.manual_seed(random_state)
+        fp32_adapters = getattr(model, "_fasttune_adapter_fp32", True)
+        peft_model = peft_get_peft_model(model, config, autocast_adapter_dtype=fp32_adapters)
+        set_gradient_checkpointing(peft_model, gc_mode)
+        attach_save_methods(peft_model)
+        return peft_model
+
+    @staticmethod
+    def for_inference(model):
+        """Evaluation mode, no checkpointing, left padding for batched generation."""
+        model.eval()
+        tokenizer = _tokenizer_of(model)
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"
+        return model
+
+    @staticmethod
+    def for_training(model, use_gradient_checkpointing=True):
+        """Training mode with checkpointing as asked, right padding for training batches."""
+        model.train()
+        set_gradient_checkpointing(model, checkpoint_mode(use_gradient_checkpointing))
+        tokenizer = _tokenizer_of(model)
+        if tokenizer is not None:
+            tokenizer.padding_side = "right"
+        return model
+
+
+def _tokenizer_of(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, "_fasttune_tokenizer", None)
+
+
+def _apply_rope_scaling(config, rope_scaling: dict) -> None:
+    if not isinstance(rope_scaling, dict) or not ({"rope_type", "type"} & set(rope_scaling)):
+        raise ValueError(
+            "rope_scaling must be a dict with a 'rope_type' (e.g. {'rope_type': 'linear', 'factor': 2.0}), "
+            f"got {rope_scaling!r}"
+        )
+    scaling = dict(rope_scaling)
+    scaling.setdefault("rope_type", scaling.pop("type", None))
+    current = dict(getattr(config, "rope_parameters", None) or {})
+    theta = current.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    config.rope_parameters = {"rope_theta": theta, **scaling}
+
+
+def _load_adapter(source: hub.Source, args: dict):
+    """from_pretrained(adapter_dir): the base from adapter_config.json, then the adapter on top, trainable."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base_args = {k: v for k, v in args.items() if k not in ("model_name", "kwargs", "source", "gc_mode", "torch_dtype")}
+    base_args.update(args["kwargs"])
+    model, tokenizer = FastLanguageModel.from_pretrained(source.base_model, **base_args)
+    peft_model = PeftModel.from_pretrained(
+        model, source.adapter_dir, is_trainable=True, autocast_adapter_dtype=model._fasttune_adapter_fp32
+    )
+    set_gradient_checkpointing(peft_model, args["gc_mode"])
+    if os.path.isfile(os.path.join(source.adapter_dir, "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(source.adapter_dir)
+        tokenizer.padding_side = "right"
+        model._fasttune_tokenizer = tokenizer
+    attach_save_methods(peft_model)
+    return peft_model, tokenizer
+
+
+__all__ = ["FastLanguageModel", "DEFAULT_TARGET_MODULES", "fast_state"]

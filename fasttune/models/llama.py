@@ -1,0 +1,333 @@
+"""The owned forward of the Llama family (Llama, Mistral, Qwen2, Qwen3 reuse it through a spec).
+
+    ForCausalLM.forward -> Model.forward -> decoder layer -> attention / MLP / RMSNorm
+
+Every function here reads weights and config only; the transformers classes supply the module tree,
+parameter names, loading and saving. Modules that PEFT wraps (q_proj, ..., down_proj) are called as
+modules, so LoRA adapters apply without fasttune knowing about them yet.
+
+Attention is PyTorch's scaled_dot_product_attention. Masks are built here from four ingredients:
+causality over cache slots, padding (a 2-D attention mask), sliding windows (`q - k < window`,
+transformers' convention) and packed documents (position_ids that restart inside a row). When none
+applies the mask is dropped and SDPA runs its causal fast path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ..kernels import apply_rope, causal_lm_loss, glu_activation, rms_norm, rope_cos_sin
+from ..kernels.activations import SUPPORTED_ACTIVATIONS
+from .rope import rope_inv_freq
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What distinguishes one family's math from Llama's."""
+
+    name: str
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before rope
+
+
+LLAMA = FamilySpec("llama")
+
+
+@dataclass
+class FastState:
+    """Per-model constants, computed once at patch time."""
+
+    spec: FamilySpec
+    head_dim: int
+    scaling: float
+    eps: float
+    activation: str
+    windows: list  # per layer: sliding window size or None
+    inv_freq: torch.Tensor
+    rope_scaling: float
+    gradient_checkpointing: bool = False
+    _inv_freq_on: dict = field(default_factory=dict)
+
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = self.inv_freq.to(device)
+        return self._inv_freq_on[device]
+
+
+def layer_windows(config) -> list:
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [window if t == "sliding_attention" else None for t in layer_types[:n]]
+    if getattr(config, "use_sliding_window", True) is False:
+        return [None] * n
+    return [window] * n
+
+
+def build_state(config, spec: FamilySpec) -> FastState:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    activation = getattr(config, "hidden_act", "silu")
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise NotImplementedError(
+            f"hidden_act={activation!r} is not supported by fasttune's forward "
+            f"(supported: {sorted(SUPPORTED_ACTIVATIONS)})"
+        )
+    inv_freq, rope_scale = rope_inv_freq(config, head_dim)
+    return FastState(
+        spec=spec,
+        head_dim=head_dim,
+        scaling=head_dim**-0.5,
+        eps=config.rms_norm_eps,
+        activation=activation,
+        windows=layer_windows(config),
+        inv_freq=inv_freq,
+        rope_scaling=rope_scale,
+    )
+
+
+def patch_model(model, spec: FamilySpec) -> None:
+    """Install fasttune's forward on a `*ForCausalLM` instance and its inner base model."""
+    base = model.model
+    base._fasttune_state = build_state(model.config, spec)
+    model.forward = MethodType(causal_lm_forward, model)
+    base.forward = MethodType(base_model_forward, base)
+
+
+# --------------------------------------------------------------------------------------------
+# Masks and positions
+# --------------------------------------------------------------------------------------------
+
+
+class ForwardContext:
+    """Positions, rotary tables and the masks of one forward call, shared by all layers."""
+
+    def __init__(self, *, past_len, q_len, pad_mask, doc_ids, user_mask, cos, sin, device):
+        self.past_len = past_len
+        self.q_len = q_len
+        self.pad_mask = pad_mask  # (b, past_len + q_len) bool, or None when nothing is padded
+        self.doc_ids = doc_ids  # (b, q_len) document index of packed rows, or None
+        self.user_mask = user_mask  # a 4-D mask given by the caller, used as is
+        self.cos, self.sin = cos, sin
+        self.device = device
+        self._masks = {}
+
+    def mask(self, kv_len: int, window: int | None):
+        """(attn_mask, is_causal) for SDPA, for keys that are the last kv_len cache slots."""
+        if self.user_mask is not None:
+            return self.user_mask[..., -kv_len:], False
+        total = self.past_len + self.q_len
+        window_cuts = window is not None and total > window
+        if self.pad_mask is None and self.doc_ids is None and not window_cuts:
+            if kv_len == self.q_len:
+                return None, True
+            if self.q_len == 1:
+                return None, False
+        key = (kv_len, window if window_cuts else None)
+        if key not in self._masks:
+            self._masks[key] = self._build(kv_len, window if window_cuts else None)
+        return self._masks[key], False
+
+    def _build(self, kv_len: int, window: int | None) -> torch.Tensor:
+        total = self.past_len + self.q_len
+        q_slots = torch.arange(self.past_len, total, device=self.device)[:, None]
+        k_slots = torch.arange(total - kv_len, total, device=self.device)[None, :]
+        allowed = k_slots <= q_slots
+        if window is not None:
+            allowed = allowed & (k_slots > q_slots - window)
+        allowed = allowed[None, None]  # (1, 1, q, k)
+        if self.pad_mask is not None:
+            allowed = allowed & self.pad_mask[:, None, None, -kv_len:]
+        if self.doc_ids is not None:
+            allowed = allowed & (self.doc_ids[:, None, :, None] == self.doc_ids[:, None, None, :])
+        # A query on a padding slot would see no key at all and SDPA would return NaN for it; let it
+        # see itself. Its output is never read, and real queries never see padding keys.
+        return allowed | (k_slots == q_slots)[None, None]
+
+
+def _packed_doc_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document index per token when position_ids restart inside a row (packed sequences)."""
+    if position_ids.shape[-1] < 2:
+        return None
+    restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(restarts.any()):
+        return None
+    zeros = torch.zeros_like(restarts[:, :1])
+    return torch.cat((zeros, restarts), dim=1).cumsum(-1)
+
+
+def _prepare_context(state, inputs_embeds, attention_mask, position_ids, cache) -> ForwardContext:
+    b, q_len = inputs_embeds.shape[:2]
+    device = inputs_embeds.device
+    past_len = cache.get_seq_length() if cache is not None else 0
+    pad_mask = user_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            if attention_mask.shape[-1] != past_len + q_len:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[-1]} positions but the cache holds "
+                    f"{past_len} and the input adds {q_len}; pass a mask over all {past_len + q_len} positions"
+                )
+            mask = attention_mask.to(device=device, dtype=torch.bool)
+            if not bool(mask.all()):
+                pad_mask = mask
+        elif attention_mask.dim() == 4:
+            user_mask = attention_mask.to(device)
+        else:
+            raise ValueError(f"attention_mask must be 2-D (batch, length) or 4-D, got shape {tuple(attention_mask.shape)}")
+    doc_ids = None
+    if position_ids is None:
+        if pad_mask is not None:
+            position_ids = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+        else:
+            position_ids = torch.arange(past_len, past_len + q_len, device=device)[None].expand(b, -1)
+    else:
+        position_ids = position_ids.to(device)
+        if position_ids.shape[0] != b:
+            position_ids = position_ids.expand(b, -1)
+        if past_len == 0 and pad_mask is None and user_mask is None:
+            doc_ids = _packed_doc_ids(position_ids)
+    cos, sin = rope_cos_sin(position_ids, state.inv_freq_on(device), state.rope_scaling, inputs_embeds.dtype)
+    return ForwardContext(
+        past_len=past_len, q_len=q_len, pad_mask=pad_mask, doc_ids=doc_ids, user_mask=user_mask,
+        cos=cos, sin=sin, device=device,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, layer_idx: int):
+    b, s, _ = x.shape
+    hd = state.head_dim
+    q = attn.q_proj(x).view(b, s, -1, hd)
+    k = attn.k_proj(x).view(b, s, -1, hd)
+    v = attn.v_proj(x).view(b, s, -1, hd).transpose(1, 2)
+    if state.spec.qk_norm:
+        q = rms_norm(q, attn.q_norm.weight, state.eps)
+        k = rms_norm(k, attn.k_norm.weight, state.eps)
+    q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), ctx.cos, ctx.sin)
+    if cache is not None:
+        k, v = cache.update(k, v, layer_idx)
+    mask, is_causal = ctx.mask(k.shape[-2], state.windows[layer_idx])
+    dropout = attn.attention_dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout, scale=state.scaling,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def mlp_forward(mlp, x, state: FastState):
+    return mlp.down_proj(glu_activation(mlp.gate_proj(x), mlp.up_proj(x), state.activation))
+
+
+def decoder_layer_forward(layer, x, ctx: ForwardContext, state: FastState, cache, layer_idx: int):
+    h = rms_norm(x, layer.input_layernorm.weight, state.eps)
+    x = x + attention_forward(layer.self_attn, h, ctx, state, cache, layer_idx)
+    h = rms_norm(x, layer.post_attention_layernorm.weight, state.eps)
+    return x + mlp_forward(layer.mlp, h, state)
+
+
+# --------------------------------------------------------------------------------------------
+# Model and causal-LM forward
+# --------------------------------------------------------------------------------------------
+
+_SILENTLY_ACCEPTED = {"cache_position", "output_attentions", "return_dict", "token_type_ids"}
+_warned_kwargs: set = set()
+
+
+def _note_ignored(kwargs: dict) -> None:
+    for name in kwargs:
+        if name not in _SILENTLY_ACCEPTED and name not in _warned_kwargs:
+            _warned_kwargs.add(name)
+            warnings.warn(f"fasttune: the forward argument {name!r} has no effect in fasttune's forward", stacklevel=3)
+
+
+def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                output_hidden_states=False):
+    """The body of `Model.forward`: returns (last hidden state, cache, all hidden states or None)."""
+    state: FastState = base._fasttune_state
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = base.embed_tokens(input_ids)
+    if use_cache is None:
+        use_cache = base.config.use_cache and not base.training
+    cache = past_key_values
+    if use_cache and cache is None:
+        cache = DynamicCache(config=base.config)
+    ctx = _prepare_context(state, inputs_embeds, attention_mask, position_ids, cache if use_cache else None)
+    if not use_cache:
+        cache = None
+    checkpointing = base.training and torch.is_grad_enabled() and cache is None
+    hidden = inputs_embeds
+    all_hidden = [hidden] if output_hidden_states else None
+    for idx, layer in enumerate(base.layers):
+        if checkpointing and (state.gradient_checkpointing or getattr(layer, "gradient_checkpointing", False)):
+            hidden = checkpoint(decoder_layer_forward, layer, hidden, ctx, state, None, idx, use_reentrant=False)
+        else:
+            hidden = decoder_layer_forward(layer, hidden, ctx, state, cache, idx)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+    hidden = rms_norm(hidden, base.norm.weight, state.eps)
+    if all_hidden is not None:
+        all_hidden[-1] = hidden
+    return hidden, cache, all_hidden
+
+
+def base_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                       inputs_embeds=None, use_cache=None, output_hidden_states=None, **kwargs):
+    _note_ignored(kwargs)
+    _refuse_attention_weights(kwargs)
+    hidden, cache, all_hidden = run_decoder(
+        self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+        bool(output_hidden_states),
+    )
+    out = BaseModelOutputWithPast(
+        last_hidden_state=hidden, past_key_values=cache, hidden_states=tuple(all_hidden) if all_hidden else None
+    )
+    return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
+
+
+def _refuse_attention_weights(kwargs: dict) -> None:
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError(
+            "output_attentions=True is not available: fasttune's forward runs fused attention (SDPA), which "
+            "never forms the attention weights; inspect attention with the plain transformers model instead"
+        )
+
+
+def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                      inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
+                      logits_to_keep=0, **kwargs):
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    _note_ignored(kwargs)
+    _refuse_attention_weights(kwargs)
+    hidden, cache, all_hidden = run_decoder(
+        self.model, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+        bool(output_hidden_states),
+    )
+    if isinstance(logits_to_keep, int):
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+    else:
+        hidden = hidden[:, logits_to_keep]
+    logits = self.lm_head(hidden)
+    loss = None
+    if labels is not None or shift_labels is not None:
+        loss = causal_lm_loss(logits, labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+    out = CausalLMOutputWithPast(
+        loss=loss, logits=logits, past_key_values=cache, hidden_states=tuple(all_hidden) if all_hidden else None
+    )
+    return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
