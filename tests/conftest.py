@@ -30,3 +30,24 @@ def smollm2_dir():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir):
+    """Factory: tiny_model_dir(family, **config_overrides) -> directory of a tiny random model with
+    SmolLM2's real tokenizer, cached per (family, overrides) for the session."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny import save_tiny
+
+    made = {}
+
+    def make(family: str = "llama", **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"tiny-{family}")
+            made[key] = save_tiny(d, family, smollm2_dir, **overrides)
+        return made[key]
+
+    return make

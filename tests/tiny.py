@@ -45,3 +45,19 @@ def tiny_pair(name: str, dtype=torch.float32, seed: int = 0, **overrides):
             p.add_(torch.randn_like(p) * 0.02)
     fast = copy.deepcopy(ref)
     return ref, fast
+
+
+def save_tiny(directory, name: str, tokenizer_dir: str, seed: int = 0, **overrides) -> str:
+    """Write a tiny random model of family `name` with a real tokenizer (SmolLM2's, 49152 tokens) to
+    `directory`, loadable by FastLanguageModel.from_pretrained and by plain transformers."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    overrides.setdefault("vocab_size", len(tokenizer))
+    overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
+    overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
+    overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
+    ref, _ = tiny_pair(name, seed=seed, **overrides)
+    ref.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
