@@ -109,6 +109,7 @@ class FastLanguageModel:
         `gpu_memory_utilization`, `max_lora_rank` and `disable_log_stats` configure `fast_inference`
         and have no effect without it.
         """
+        call = dict(locals())  # every argument as given, for loading an adapter's base the same way
         if load_in_4bit and load_in_8bit:
             raise ValueError("load_in_4bit=True and load_in_8bit=True exclude each other; choose one")
         if load_in_4bit and not (load_in_16bit or full_finetuning):
@@ -135,7 +136,7 @@ class FastLanguageModel:
 
         source = hub.resolve(model_name)
         if source.adapter_dir is not None:
-            return _load_adapter(source, locals())
+            return _load_adapter(source, call, gc_mode)
 
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -287,18 +288,18 @@ def _apply_rope_scaling(config, rope_scaling: dict) -> None:
     config.rope_parameters = {"rope_theta": theta, **scaling}
 
 
-def _load_adapter(source: hub.Source, args: dict):
+def _load_adapter(source: hub.Source, args: dict, gc_mode: bool):
     """from_pretrained(adapter_dir): the base from adapter_config.json, then the adapter on top, trainable."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    base_args = {k: v for k, v in args.items() if k not in ("model_name", "kwargs", "source", "gc_mode", "torch_dtype")}
+    base_args = {k: v for k, v in args.items() if k not in ("model_name", "kwargs")}
     base_args.update(args["kwargs"])
     model, tokenizer = FastLanguageModel.from_pretrained(source.base_model, **base_args)
     peft_model = PeftModel.from_pretrained(
         model, source.adapter_dir, is_trainable=True, autocast_adapter_dtype=model._fasttune_adapter_fp32
     )
-    set_gradient_checkpointing(peft_model, args["gc_mode"])
+    set_gradient_checkpointing(peft_model, gc_mode)
     if os.path.isfile(os.path.join(source.adapter_dir, "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(source.adapter_dir)
         tokenizer.padding_side = "right"

@@ -166,7 +166,9 @@ def smollm2_pair(smollm2_dir):
     ref = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="eager").eval()
     fast = copy.deepcopy(ref)
     assert install_fast_forward(fast)
-    return ref, fast, AutoTokenizer.from_pretrained(smollm2_dir)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok.pad_token = tok.pad_token or "<|endoftext|>"  # older transformers read no pad token from this dir
+    return ref, fast, tok
 
 
 def test_real_smollm2_logits_loss_and_lora_gradients(smollm2_pair):

@@ -32,7 +32,10 @@ def set_gradient_checkpointing(model, enabled: bool) -> None:
         return
     # A model on the transformers forward (unknown family): use its own checkpointing.
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if enabled:
+    # transformers renamed these (activation_*) after 5.17; use whichever this version has.
+    if enabled and hasattr(inner, "activation_checkpointing_enable"):
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif enabled:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(inner, "is_gradient_checkpointing", False):
-        inner.gradient_checkpointing_disable()
+    else:
+        (getattr(inner, "activation_checkpointing_disable", None) or inner.gradient_checkpointing_disable)()
