@@ -220,6 +220,11 @@ def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, lay
         k, v = cache.update(k, v, layer_idx)
     mask, is_causal = ctx.mask(k.shape[-2], state.windows[layer_idx])
     dropout = attn.attention_dropout if attn.training else 0.0
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and mask is not None and q.is_cuda:
+        # CUDA's masked (memory-efficient) SDPA kernel has no GQA support and would fall back to the
+        # math kernel; sharing heads by expansion keeps it on the fast kernel.
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout, scale=state.scaling,
         enable_gqa=q.shape[1] != k.shape[1],
