@@ -248,7 +248,9 @@ class FastLanguageModel:
         peft_model = peft_get_peft_model(model, config, autocast_adapter_dtype=fp32_adapters)
         set_gradient_checkpointing(peft_model, gc_mode)
         attach_save_methods(peft_model)
-        return peft_model
+        # PEFT's wrapper starts in training mode while the loaded model below it is in eval mode;
+        # make the whole tree agree, as the caller is about to train.
+        return peft_model.train()
 
     @staticmethod
     def for_inference(model):
@@ -300,6 +302,7 @@ def _load_adapter(source: hub.Source, args: dict, gc_mode: bool):
         model, source.adapter_dir, is_trainable=True, autocast_adapter_dtype=model._fasttune_adapter_fp32
     )
     set_gradient_checkpointing(peft_model, gc_mode)
+    peft_model.train()
     if os.path.isfile(os.path.join(source.adapter_dir, "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(source.adapter_dir)
         tokenizer.padding_side = "right"

@@ -247,7 +247,12 @@ def decoder_layer_forward(layer, x, ctx: ForwardContext, state: FastState, cache
 # Model and causal-LM forward
 # --------------------------------------------------------------------------------------------
 
-_SILENTLY_ACCEPTED = {"cache_position", "output_attentions", "return_dict", "token_type_ids"}
+# Arguments other stacks pass that carry nothing the owned forward needs: cache positions follow from
+# the cache, and packed-document boundaries (TRL's flash-attention varlen metadata) from position_ids.
+_SILENTLY_ACCEPTED = {
+    "cache_position", "output_attentions", "return_dict", "token_type_ids",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
+}
 _warned_kwargs: set = set()
 
 
