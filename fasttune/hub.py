@@ -94,11 +94,13 @@ def hub_error(name: str, err: Exception) -> OSError:
 # GGUF: converted once into a safetensors cache; later loads never re-read the GGUF.
 # --------------------------------------------------------------------------------------------
 
+_CONVERSION = 2  # bump when the conversion changes, so older cache entries are not reused
+
 
 def gguf_to_hf_dir(gguf_path: Path) -> Path:
     gguf_path = Path(gguf_path).resolve()
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{_CONVERSION}:{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     dest = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
     if (dest / "config.json").is_file():
         return dest
@@ -112,6 +114,7 @@ def gguf_to_hf_dir(gguf_path: Path) -> Path:
         # fp32 holds the dequantized GGUF values exactly; the caller picks the compute dtype at load.
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         clear_quantization_marks(model)
+        _agree_on_eos(tokenizer, model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
@@ -122,6 +125,16 @@ def gguf_to_hf_dir(gguf_path: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _agree_on_eos(tokenizer, model) -> None:
+    """Some transformers versions read a GGUF's tokenizer with a different EOS than the model's own
+    (SmolLM2 under 5.17: `<|im_start|>` instead of `<|im_end|>`); the model's generation config is the
+    one the weights were trained with, so the tokenizer follows it."""
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
 
 
 def clear_quantization_marks(model) -> None:

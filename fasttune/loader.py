@@ -11,6 +11,7 @@ import os
 import torch
 
 from . import hub
+from .data.fixes import ensure_generation_prompt, fix_untrained_tokens, link_model, sync_generation_eos
 from .data.tokenizer import fix_tokenizer as _fix_tokenizer
 from .memory.checkpointing import checkpoint_mode, set_gradient_checkpointing
 from .models import fast_state, install_fast_forward
@@ -162,6 +163,13 @@ class FastLanguageModel:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
         if fix_tokenizer:
             _fix_tokenizer(tokenizer, model)
+            fixed = fix_untrained_tokens(model, tokenizer)
+            if fixed:
+                _notice(f"{len(fixed)} untrained token rows (ids {fixed[:8]}{'...' if len(fixed) > 8 else ''}) "
+                        "set to the mean of the trained rows")
+            if ensure_generation_prompt(tokenizer):
+                _notice("the chat template had no add_generation_prompt block; added one")
+        link_model(model, tokenizer)
         tokenizer.padding_side = "right"
         if max_seq_length:
             tokenizer.model_max_length = max_seq_length
@@ -259,6 +267,7 @@ class FastLanguageModel:
         tokenizer = _tokenizer_of(model)
         if tokenizer is not None:
             tokenizer.padding_side = "left"
+            sync_generation_eos(model, tokenizer)  # stop at the chat template's end-of-turn token
         return model
 
     @staticmethod
@@ -307,6 +316,7 @@ def _load_adapter(source: hub.Source, args: dict, gc_mode: bool):
         tokenizer = AutoTokenizer.from_pretrained(source.adapter_dir)
         tokenizer.padding_side = "right"
         model._fasttune_tokenizer = tokenizer
+        link_model(peft_model, tokenizer)
     attach_save_methods(peft_model)
     return peft_model, tokenizer
 
