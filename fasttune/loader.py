@@ -8,6 +8,7 @@ for_inference / for_training -> switch modes (and the tokenizer's padding side)
 from __future__ import annotations
 
 import os
+import warnings
 import torch
 
 from . import hub
@@ -253,7 +254,11 @@ class FastLanguageModel:
             raise TypeError(f"get_peft_model got an argument LoRA does not know: {err}") from err
         torch.manual_seed(random_state)
         fp32_adapters = getattr(model, "_fasttune_adapter_fp32", True)
-        peft_model = peft_get_peft_model(model, config, autocast_adapter_dtype=fp32_adapters)
+        with warnings.catch_warnings():
+            # PEFT reads a gradient-checkpointing attribute that newer transformers deprecate; the
+            # warning is about PEFT's code and would be the first thing every user sees.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            peft_model = peft_get_peft_model(model, config, autocast_adapter_dtype=fp32_adapters)
         set_gradient_checkpointing(peft_model, gc_mode)
         attach_save_methods(peft_model)
         # PEFT's wrapper starts in training mode while the loaded model below it is in eval mode;
