@@ -1,4 +1,4 @@
-"""`fasttune env` (what this machine has) and `fasttune demo` (the embedded fine-tuning job)."""
+"""`fasttune env` (what this machine has), `fasttune demo` (the embedded fine-tuning job) and `fasttune bench`."""
 
 from __future__ import annotations
 
@@ -26,12 +26,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fasttune")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions and accelerators")
-    sub.add_parser("demo", help="fine-tune the embedded model on the demo task (see python -m fasttune.demo -h)")
+    sub.add_parser("demo", add_help=False, help="fine-tune the embedded model on the demo task")
+    sub.add_parser("bench", help="run benchmarks from a checkout's benchmarks/ (see python -m fasttune.bench -h)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "env":
         for key, value in env().items():
             print(f"{key:>13}: {value}")
         return 0
+    if args.command == "bench":
+        from . import bench
+
+        return bench.main(rest)
     from . import demo
 
     return demo.main(rest)

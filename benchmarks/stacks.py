@@ -1,0 +1,185 @@
+"""The four training stacks, loaded the way each one's users load them, with identical LoRA settings.
+
+    fasttune : fasttune.FastLanguageModel.from_pretrained + get_peft_model(use_gradient_checkpointing="fasttune")
+    hf       : transformers AutoModelForCausalLM (sdpa; bitsandbytes nf4 + double quant for 4-bit) + PEFT LoRA,
+               transformers' gradient checkpointing (use_reentrant=False)
+    liger    : liger_kernel's apply_liger_kernel_to_<family>() (rope, RMSNorm, SwiGLU, fused linear cross
+               entropy), then exactly the hf path
+    unsloth  : unsloth.FastLanguageModel.from_pretrained + get_peft_model(use_gradient_checkpointing="unsloth")
+
+Every stack: LoRA r, alpha as given (16, 16), dropout 0, no bias, on q,k,v,o,gate,up,down; bf16 weights.
+A configuration a stack cannot run raises `Unsupported`, which the benchmarks record as "not yet supported".
+
+Nothing here imports transformers at module level: Unsloth must be imported before it (`preimport`).
+"""
+
+from __future__ import annotations
+
+import os
+
+STACKS = ("fasttune", "hf", "liger", "unsloth")
+DECODE_STACKS = ("fasttune", "hf", "unsloth")  # Liger has training kernels only
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+    # Unsloth offline and quiet: no statistics ping, no hub look-ups, no installs at import time.
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "UNSLOTH_OFFLINE": "1",
+    "UNSLOTH_AUTO_INSTALL": "0",
+    "UNSLOTH_PREWARM_HUB_CACHE": "0",
+    "UNSLOTH_STUDIO_DISABLED": "1",
+}
+
+
+class Unsupported(Exception):
+    """The stack has no path for this configuration (recorded, not an error)."""
+
+
+def set_offline_env() -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def preimport(stack: str) -> None:
+    """Import what must come first in the process (Unsloth patches transformers as it is imported)."""
+    if stack not in STACKS:
+        raise ValueError(f"unknown stack {stack!r}; choose from {STACKS}")
+    set_offline_env()
+    if stack == "unsloth":
+        import unsloth  # noqa: F401
+
+
+def gc_label(stack: str, gc: bool) -> str:
+    if not gc:
+        return "off"
+    return {"fasttune": "fasttune (recompute per layer)", "unsloth": "unsloth (offloaded)"}.get(
+        stack, "transformers (use_reentrant=False)")
+
+
+def load_for_training(stack: str, ckpt: str, spec, *, quant: str, method: str, seq: int, rank: int = 16,
+                      alpha: int = 16, seed: int = 0, gc: bool = True):
+    """The model in training mode, its trainable parameters set as `method` asks."""
+    import torch
+
+    if quant not in ("16bit", "4bit"):
+        raise ValueError(f"quant must be 16bit or 4bit, got {quant!r}")
+    if method not in ("lora", "full"):
+        raise ValueError(f"method must be lora or full, got {method!r}")
+    four_bit = quant == "4bit"
+    if four_bit and method == "full":
+        raise Unsupported("full fine-tuning of 4-bit weights is not a configuration any stack offers")
+    targets = list(_targets())
+
+    if stack == "fasttune":
+        from fasttune import FastLanguageModel
+
+        try:
+            model, _ = FastLanguageModel.from_pretrained(
+                str(ckpt), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=four_bit,
+                full_finetuning=method == "full", random_state=seed)
+        except NotImplementedError as err:
+            raise Unsupported(str(err)) from err
+        if method == "lora":
+            model = FastLanguageModel.get_peft_model(
+                model, r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets,
+                use_gradient_checkpointing="fasttune" if gc else False, random_state=seed, max_seq_length=seq)
+        FastLanguageModel.for_training(model, use_gradient_checkpointing="fasttune" if gc else False)
+        return model
+
+    if stack == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=str(ckpt), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=four_bit,
+            full_finetuning=method == "full", use_gradient_checkpointing="unsloth" if gc else False)
+        if method == "lora":
+            model = FastLanguageModel.get_peft_model(
+                model, r=rank, lora_alpha=alpha, lora_dropout=0, bias="none", target_modules=targets,
+                use_gradient_checkpointing="unsloth" if gc else False, random_state=seed, max_seq_length=seq)
+        FastLanguageModel.for_training(model)
+        return model
+
+    if stack == "liger":
+        import liger_kernel.transformers as liger
+
+        if spec.liger is None:
+            raise Unsupported(f"liger-kernel has no patch for model_type {spec.model_type!r}")
+        getattr(liger, f"apply_liger_kernel_to_{spec.liger}")()
+    elif stack != "hf":
+        raise ValueError(f"unknown stack {stack!r}; choose from {STACKS}")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), **_hf_kwargs(four_bit))
+    model.config.use_cache = False
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method == "lora":
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed)
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    model.train()
+    return model
+
+
+def load_for_inference(stack: str, ckpt: str, *, quant: str, max_len: int):
+    """The model ready for `generate` (no adapters), in each stack's own inference mode."""
+    import torch
+
+    four_bit = quant == "4bit"
+    if stack == "fasttune":
+        from fasttune import FastLanguageModel
+
+        try:
+            model, _ = FastLanguageModel.from_pretrained(str(ckpt), max_seq_length=max_len, dtype=torch.bfloat16,
+                                                         load_in_4bit=four_bit)
+        except NotImplementedError as err:
+            raise Unsupported(str(err)) from err
+        return FastLanguageModel.for_inference(model)
+    if stack == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(model_name=str(ckpt), max_seq_length=max_len,
+                                                     dtype=torch.bfloat16, load_in_4bit=four_bit)
+        FastLanguageModel.for_inference(model)
+        return model
+    if stack == "hf":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), **_hf_kwargs(four_bit))
+        model.config.use_cache = True
+        return model.eval()
+    if stack == "liger":
+        raise Unsupported("liger-kernel speeds up training only; it has no generation path")
+    raise ValueError(f"unknown stack {stack!r}; choose from {STACKS}")
+
+
+def _targets():
+    from common import LORA_TARGETS
+
+    return LORA_TARGETS
+
+
+def _hf_kwargs(four_bit: bool) -> dict:
+    import torch
+
+    kwargs = dict(dtype=torch.bfloat16, attn_implementation="sdpa",
+                  device_map={"": 0} if torch.cuda.is_available() else None)
+    if four_bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    return kwargs

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Training throughput, memory and MFU of one (stack, model, quant, method, seq, batch): one process, one result.
+
+    python3 benchmarks/train.py --stack {fasttune,hf,liger,unsloth} --model llama-1b --quant {16bit,4bit} \
+        [--method {lora,full}] [--seq 2048] [--batch 2] [--steps 25] [--warmup 5] [--size {full,tiny}]
+
+The model is a random-init copy of a registry config (benchmarks/common.py: MODELS), written once as a bf16
+checkpoint with a synthetic tokenizer, loaded through each stack's own from_pretrained (benchmarks/stacks.py).
+Every stack gets the same data (uniform random tokens from a fixed seed, labels = inputs, no padding, so every
+token is a real token), the same LoRA settings and this loop:
+
+    with autocast(bf16): loss = model(input_ids=x, labels=x).loss
+    loss.backward(); grad_norm = total norm of the trainable grads; AdamW(lr).step(); zero_grad()
+
+Each step is timed between two device synchronizations; the first --warmup steps (Unsloth compiles there)
+are left out of tokens/s. Peak memory is torch.cuda.max_memory_allocated / max_memory_reserved over the
+training steps, the weights included. MFU = model FLOPs per token (DESIGN.md: LoRA 4N + 6N_lora + attention,
+full 6N + attention) x tokens/s over the bf16 matmul rate measured in this same process.
+The run counts as ok only if the loss moved, every gradient norm is finite and > 0, and the trainable weights
+changed. A configuration the stack has no path for is recorded as status "unsupported".
+
+The record goes to <results-root>/<gpu-slug>/train.json under runs["<model>/<quant>/<method>/s<seq>b<batch>/<stack>"].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(1, os.path.dirname(_HERE))
+
+import common  # noqa: E402
+import stacks  # noqa: E402
+
+BENCHMARK = "train"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stack", choices=stacks.STACKS, required=True)
+    p.add_argument("--model", choices=sorted(common.MODELS), default="llama-1b")
+    p.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: a small copy for smoke tests")
+    p.add_argument("--quant", choices=["16bit", "4bit"], default="16bit")
+    p.add_argument("--method", choices=["lora", "full"], default="lora")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=25, help="optimizer steps, warm-up included")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of tokens/s")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-gc", action="store_true", help="turn gradient checkpointing off (default: each stack's own)")
+    p.add_argument("--ckpt-root", default=None, help="where random-init checkpoints live (default <tmp>/fasttune-bench)")
+    p.add_argument("--results-root", default=None, help="default: benchmarks/results")
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup:
+        p.error("--steps counts the warm-up steps too, so it must exceed --warmup")
+    return args
+
+
+def run_key(args) -> str:
+    model = args.model + ("-tiny" if args.size == "tiny" else "")
+    return f"{model}/{args.quant}/{args.method}/s{args.seq}b{args.batch}/{args.stack}"
+
+
+def train(model, data, args, device):
+    """The shared loop. Returns (step_times, losses, grad_norms, update_norm)."""
+    import torch
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+    # A few small trainable tensors, copied to the CPU, to show the update reached the weights.
+    probe = sorted(trainable, key=lambda p: p.numel())[:8]
+    before = [p.detach().float().cpu().clone() for p in probe]
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses, norms = [], [], []
+    for step in range(args.steps):
+        ids = data[step * args.batch:(step + 1) * args.batch].to(device, non_blocking=True)
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach().float()))
+        norms.append(float(norm))
+        del loss
+    update = sum(float((p.detach().float().cpu() - b).norm()) for p, b in zip(probe, before))
+    return times, losses, norms, update
+
+
+def summarize(args, spec, times, losses, norms, update, lora_params, peak_tflops) -> dict:
+    tokens = args.batch * args.seq
+    timed = times[args.warmup:]
+    out = {
+        "timed_steps": len(timed),
+        "tokens_per_s": round(tokens * len(timed) / sum(timed), 1),
+        "tokens_per_s_median_step": round(tokens / common._median(timed), 1),
+        "s_per_step_mean": round(sum(timed) / len(timed), 4),
+        "s_per_step_median": round(common._median(timed), 4),
+        "s_per_step_min": round(min(timed), 4),
+        "warmup_s": round(sum(times[:args.warmup]), 3),
+    }
+    fpt = common.flops_per_token(spec, args.seq, args.method, lora_params)
+    out["model_flops_per_token"] = fpt
+    out["model_tflops_per_s"] = round(fpt * out["tokens_per_s"] / 1e12, 2)
+    if peak_tflops:
+        out["mfu"] = round(out["model_tflops_per_s"] / peak_tflops, 4)
+    out.update(loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
+               losses=[round(x, 4) for x in losses], grad_norms=[round(x, 6) for x in norms],
+               update_norm=update, step_times=[round(x, 4) for x in times])
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    stacks.preimport(args.stack)  # Unsloth before transformers
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    spec = common.model_spec(args.model, args.size)
+    lora_params = common.lora_param_count(spec, args.rank) if args.method == "lora" else 0
+    record = {
+        "benchmark": BENCHMARK, "status": "error", "stack": args.stack, "model": spec.name, "shape_of": spec.hf_id,
+        "quant": args.quant, "method": args.method, "seq": args.seq, "batch": args.batch, "steps": args.steps,
+        "warmup_steps": args.warmup, "lr": args.lr, "optimizer": "torch.optim.AdamW",
+        "lora": {"r": args.rank, "alpha": args.alpha, "dropout": 0.0, "targets": list(common.LORA_TARGETS)}
+        if args.method == "lora" else None,
+        "gradient_checkpointing": stacks.gc_label(args.stack, not args.no_gc),
+        "data": f"uniform random tokens, seed {args.seed}, labels = inputs, no padding",
+        "model_params_n": common.param_count(spec), "lora_params": lora_params,
+    }
+    t_start = time.perf_counter()
+    try:
+        ckpt = common.ensure_checkpoint(spec, args.ckpt_root, args.size)
+        ceilings = common.machine_ceilings()
+        record["machine"] = ceilings
+        t0 = time.perf_counter()
+        model = stacks.load_for_training(args.stack, ckpt, spec, quant=args.quant, method=args.method,
+                                         seq=args.seq, rank=args.rank, alpha=args.alpha, seed=args.seed,
+                                         gc=not args.no_gc)
+        if cuda:
+            torch.cuda.synchronize()
+            record["weights_alloc_gb"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+        record["load_s"] = round(time.perf_counter() - t0, 2)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        record["trainable_params"] = sum(p.numel() for p in trainable)
+        record["trainable_dtype"] = str(trainable[0].dtype).removeprefix("torch.") if trainable else None
+        data = common.random_batches(spec.config["vocab_size"], args.steps * args.batch, args.seq, args.seed)
+        times, losses, norms, update = train(model, data, args, device)
+        if cuda:
+            record["peak_alloc_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            record["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        record.update(summarize(args, spec, times, losses, norms, update, lora_params,
+                                ceilings["bf16_matmul_tflops"]))
+        record["problems"] = common.training_problems(losses, norms, args.steps, update)
+        record["status"] = "ok" if not record["problems"] else "failed-checks"
+    except stacks.Unsupported as err:
+        record["status"] = "unsupported"
+        record["reason"] = str(err)[:500]
+    except Exception as err:  # the failure is a result too
+        traceback.print_exc()
+        record["error"] = f"{type(err).__name__}: {err}"[:2000]
+        record["traceback_tail"] = traceback.format_exc()[-3000:]
+        if cuda and isinstance(err, torch.OutOfMemoryError):
+            record["status"] = "oom"
+    record["wall_s"] = round(time.perf_counter() - t_start, 1)
+    record.update(common.provenance())
+    if os.environ.get("FASTTUNE_BENCH_COMMAND"):
+        record["driver_command"] = os.environ["FASTTUNE_BENCH_COMMAND"]
+    key = run_key(args)
+    path = common.write_run(common.result_path(BENCHMARK, record["gpu"]["name"], args.results_root),
+                            BENCHMARK, key, record)
+    print(one_line(key, record), flush=True)
+    print(f"[bench] written to {path}", flush=True)
+    return 0 if record["status"] in ("ok", "unsupported") else 1
+
+
+def one_line(key: str, r: dict) -> str:
+    line = f"[bench] train {key}: {r['status']}"
+    if "tokens_per_s" in r:
+        line += f" tokens/s={r['tokens_per_s']:,.0f} loss {r['loss_first']} -> {r['loss_last']}"
+    if "peak_alloc_gb" in r:
+        line += f" peak alloc {r['peak_alloc_gb']} GB reserved {r['peak_reserved_gb']} GB"
+    if "mfu" in r:
+        line += f" MFU {r['mfu']:.1%}"
+    for field in ("reason", "error"):
+        if field in r:
+            line += f" ({r[field][:200]})"
+    for problem in r.get("problems", []):
+        line += f"\n[bench] PROBLEM: {problem}"
+    return line
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""CPU smoke test of the benchmark harness (benchmarks/ and fasttune.bench), so that it cannot rot:
+a tiny copy of the Llama-3.2-1B config, 2 training steps per stack, the JSON it writes, the report built from it."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402  (benchmarks/common.py)
+import report  # noqa: E402
+import train  # noqa: E402
+
+from fasttune import bench  # noqa: E402
+
+TINY_ARGS = ["--model", "llama-1b", "--size", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Train the tiny model for 2 steps with fasttune and hf (one shared checkpoint), then a refused 4-bit run."""
+    ckpt_root = tmp_path_factory.mktemp("ckpt")
+    root = tmp_path_factory.mktemp("results")
+    common_args = TINY_ARGS + ["--ckpt-root", str(ckpt_root), "--results-root", str(root)]
+    codes = {stack: train.main(["--stack", stack, *common_args]) for stack in ("fasttune", "hf")}
+    codes["fasttune-4bit"] = train.main(["--stack", "fasttune", "--quant", "4bit", *common_args])
+    files = list(root.glob("*/train.json"))
+    assert len(files) == 1, files
+    return {"codes": codes, "root": root, "gpu_dir": files[0].parent,
+            "runs": json.loads(files[0].read_text())["runs"]}
+
+
+def test_train_records_throughput_and_checks(results):
+    assert results["codes"] == {"fasttune": 0, "hf": 0, "fasttune-4bit": 0}
+    spec = common.model_spec("llama-1b", "tiny")
+    for stack in ("fasttune", "hf"):
+        r = results["runs"][f"llama-1b-tiny/16bit/lora/s32b2/{stack}"]
+        assert r["status"] == "ok", r
+        assert r["problems"] == []
+        for field in ("tokens_per_s", "s_per_step_median", "losses", "grad_norms", "update_norm", "model_flops_per_token",
+                      "trainable_params", "date", "gpu", "versions", "git_commit", "command", "machine", "lora"):
+            assert field in r, field
+        assert r["tokens_per_s"] > 0 and len(r["losses"]) == 2 and len(r["step_times"]) == 2
+        assert common.loss_moved(r["losses"]), r["losses"]
+        assert all(math.isfinite(g) and g > 0 for g in r["grad_norms"])
+        assert r["update_norm"] > 0
+        assert r["trainable_params"] == common.lora_param_count(spec, 16) == r["lora_params"]
+        assert r["model_flops_per_token"] == common.flops_per_token(spec, 32, "lora", r["lora_params"])
+        assert r["command"] and r["lora"]["targets"] == list(common.LORA_TARGETS)
+    # identical data, init and LoRA settings: the two stacks start from the same loss
+    first = [results["runs"][f"llama-1b-tiny/16bit/lora/s32b2/{s}"]["loss_first"] for s in ("fasttune", "hf")]
+    assert first[0] == pytest.approx(first[1], rel=2e-2)
+
+
+def test_unsupported_configuration_is_recorded(results):
+    r = results["runs"]["llama-1b-tiny/4bit/lora/s32b2/fasttune"]
+    assert r["status"] == "unsupported" and "load_in_4bit" in r["reason"]
+    assert report.status_text(r) == "not yet supported"
+
+
+def test_report_table_chart_and_readme(results, tmp_path):
+    data = report.load(results["gpu_dir"])
+    table = report.train_table(data["train"])
+    assert "**fasttune**" in table and "| hf |" in table and "not yet supported" in table
+    block = report.markdown(results["gpu_dir"], data)
+    assert "**Targets**" in block
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n## Performance\n\n{report.START}\nold\n{report.END}\n\n## After\n")
+    assert report.update_readme(readme, block)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro") and text.endswith("## After\n") and "**fasttune**" in text
+    # a GPU call's results fold into an existing results root
+    merged = report.merge(results["root"], tmp_path / "res")
+    assert [p.name for p in merged] == ["train.json"]
+    assert json.loads(merged[0].read_text())["runs"].keys() == data["train"].keys()
+
+
+def test_flops_model_matches_the_real_module_tree():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for name in common.MODELS:
+        spec = common.model_spec(name, "tiny")
+        config = AutoConfig.for_model(spec.model_type, **spec.config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        projections = sum(m.weight.numel() for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in common.LORA_TARGETS)
+        assert common.param_count(spec) == projections + model.get_output_embeddings().weight.numel(), name
+    big = common.model_spec("llama-8b")
+    h_q = 32 * 128
+    assert common.attention_flops_per_token(big, 4096) == 6 * 32 * 4096 * h_q  # causal: 6*L*s*h
+    assert common.flops_per_token(big, 4096, "full") - common.flops_per_token(big, 4096, "lora", 0) == 2 * common.param_count(big)
+    assert 7.4e9 < common.param_count(big) < 7.6e9
+    gemma = common.model_spec("gemma2-2b")  # sliding layers attend to at most 4096 keys
+    assert common.attention_flops_per_token(gemma, 8192) < common.attention_flops_per_token(
+        common.ModelSpec("g", "", "llama", "", gemma.config, gemma.specials, None), 8192)
+
+
+def test_bench_jobs_and_sets():
+    job = bench.Job.parse("train:unsloth:llama-8b:4bit:lora:2048:2")
+    assert job == bench.Job("train", "unsloth", "llama-8b", "4bit", "lora", 2048, 2)
+    args = train.parse_args(["--stack", "unsloth", "--model", "llama-8b", "--quant", "4bit"])
+    assert job.key("full") == train.run_key(args)
+    for name in ("llama-1b", "llama-8b"):
+        assert {j.stack for j in bench.SETS[name]} == set(bench.STACKS)
+    with pytest.raises(Exception):
+        bench.Job.parse("train:nostack:llama-1b")
+    assert bench.main(["--set", "headline", "--dry-run"]) == 0
