@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Where a training step's time goes: torch.profiler over a few steps of train.py's loop, per stack.
+
+    python3 benchmarks/profile_train.py --stack fasttune --stack hf [--model llama-1b] [--seq 2048] [--batch 2]
+
+Prints, per stack, the mean step time and the top kernels by device time and top operators by host
+time, so that a gap between two stacks can be pinned to the operators that cause it. A diagnostic,
+not a benchmark: nothing is written to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(1, os.path.dirname(_HERE))
+
+import common  # noqa: E402
+import stacks  # noqa: E402
+
+
+def profile(stack: str, args) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    spec = common.model_spec(args.model, args.size)
+    ckpt = common.ensure_checkpoint(spec, size=args.size)
+    model = stacks.load_for_training(stack, str(ckpt), spec, quant="16bit", method="lora", seq=args.seq,
+                                     gc=not args.no_gc)
+    data = common.random_batches(spec.config["vocab_size"], args.batch * (args.warmup + args.steps), args.seq)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4)
+
+    def step(i):
+        ids = data[i * args.batch:(i + 1) * args.batch].cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(args.warmup):
+        step(i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(args.warmup, args.warmup + args.steps):
+            step(i)
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / args.steps
+    print(f"\n===== {stack}: {wall * 1000:.1f} ms/step under the profiler ({args.steps} steps) =====")
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows // 2, max_name_column_width=60))
+    del model, optimizer
+    torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stack", action="append", choices=stacks.STACKS, required=True)
+    p.add_argument("--model", choices=sorted(common.MODELS), default="llama-1b")
+    p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--no-gc", action="store_true")
+    args = p.parse_args(argv)
+    stacks.set_offline_env()
+    for stack in args.stack:
+        profile(stack, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
