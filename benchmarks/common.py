@@ -16,6 +16,9 @@ import re
 import shlex
 import subprocess
 import sys
+import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,6 +121,39 @@ def write_run(path: Path, benchmark: str, key: str, record: dict) -> Path:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
     return path
+
+
+class Unsupported(Exception):
+    """The stack has no path for this configuration (recorded, not an error)."""
+
+
+@contextmanager
+def recorded(record: dict):
+    """Run a measurement body; an unsupported configuration or a failure becomes part of the record
+    (status, reason or error) instead of an exception: a failure is a result too."""
+    try:
+        yield
+    except Unsupported as err:
+        record["status"] = "unsupported"
+        record["reason"] = str(err)[:500]
+    except Exception as err:
+        traceback.print_exc()
+        record["error"] = f"{type(err).__name__}: {err}"[:2000]
+        record["traceback_tail"] = traceback.format_exc()[-3000:]
+        if type(err).__name__ == "OutOfMemoryError":
+            record["status"] = "oom"
+
+
+def finish_run(benchmark: str, key: str, record: dict, t_start: float, results_root, summary: str) -> int:
+    """Stamp wall time and provenance, write the record under its key, print it; the process exit code."""
+    record["wall_s"] = round(time.perf_counter() - t_start, 1)
+    record.update(provenance())
+    if os.environ.get("FASTTUNE_BENCH_COMMAND"):
+        record["driver_command"] = os.environ["FASTTUNE_BENCH_COMMAND"]
+    path = write_run(result_path(benchmark, record["gpu"]["name"], results_root), benchmark, key, record)
+    print(summary, flush=True)
+    print(f"[bench] written to {path}", flush=True)
+    return 0 if record["status"] in ("ok", "unsupported") else 1
 
 
 def synthetic_tokenizer(vocab_size: int, specials: dict[int, str], pad: str, bos: str, eos: str,

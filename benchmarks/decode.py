@@ -24,7 +24,6 @@ import argparse
 import os
 import sys
 import time
-import traceback
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
               "shape_of": spec.hf_id, "quant": args.quant, "prompt": args.prompt, "reps": args.reps,
               "sampling": "greedy, min_new_tokens = max_new_tokens, no EOS", "cases": []}
     t_start = time.perf_counter()
-    try:
+    with common.recorded(record):
         ckpt = common.ensure_checkpoint(spec, args.ckpt_root, args.size)
         ceilings = common.machine_ceilings()
         record["machine"] = ceilings
@@ -171,24 +170,9 @@ def main(argv=None) -> int:
         if cuda:
             record["peak_alloc_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         record["status"] = "ok" if all("error" not in c for c in record["cases"]) else "partial"
-    except stacks.Unsupported as err:
-        record["status"] = "unsupported"
-        record["reason"] = str(err)[:500]
-    except Exception as err:
-        traceback.print_exc()
-        record["error"] = f"{type(err).__name__}: {err}"[:2000]
-        record["traceback_tail"] = traceback.format_exc()[-3000:]
-    record["wall_s"] = round(time.perf_counter() - t_start, 1)
-    record.update(common.provenance())
-    if os.environ.get("FASTTUNE_BENCH_COMMAND"):
-        record["driver_command"] = os.environ["FASTTUNE_BENCH_COMMAND"]
     key = f"{spec.name}/{args.quant}/{args.stack}"
-    path = common.write_run(common.result_path(BENCHMARK, record["gpu"]["name"], args.results_root),
-                            BENCHMARK, key, record)
-    print(f"[bench] decode {key}: {record['status']} " + record.get("reason", record.get("error", ""))[:300],
-          flush=True)
-    print(f"[bench] written to {path}", flush=True)
-    return 0 if record["status"] in ("ok", "unsupported") else 1
+    summary = f"[bench] decode {key}: {record['status']} " + record.get("reason", record.get("error", ""))[:300]
+    return common.finish_run(BENCHMARK, key, record, t_start, args.results_root, summary)
 
 
 if __name__ == "__main__":

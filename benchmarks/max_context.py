@@ -22,7 +22,6 @@ import math
 import os
 import sys
 import time
-import traceback
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
@@ -159,7 +158,7 @@ def main(argv=None) -> int:
               "probe_steps": args.probe_steps, "cap_s": args.cap_s, "granularity": args.granularity,
               "gradient_checkpointing": stacks.gc_label(args.stack, True)}
     t_start = time.perf_counter()
-    try:
+    with common.recorded(record):
         ckpt = common.ensure_checkpoint(spec, args.ckpt_root, args.size)
         t0 = time.perf_counter()
         model = stacks.load_for_training(args.stack, ckpt, spec, quant=args.quant, method=args.method,
@@ -167,24 +166,10 @@ def main(argv=None) -> int:
         record["load_s"] = round(time.perf_counter() - t0, 2)
         record.update(search(model, args, device, spec.config["vocab_size"], max_seq))
         record["status"] = "ok"
-    except stacks.Unsupported as err:
-        record["status"] = "unsupported"
-        record["reason"] = str(err)[:500]
-    except Exception as err:
-        traceback.print_exc()
-        record["error"] = f"{type(err).__name__}: {err}"[:2000]
-        record["traceback_tail"] = traceback.format_exc()[-3000:]
-    record["wall_s"] = round(time.perf_counter() - t_start, 1)
-    record.update(common.provenance())
-    if os.environ.get("FASTTUNE_BENCH_COMMAND"):
-        record["driver_command"] = os.environ["FASTTUNE_BENCH_COMMAND"]
     key = f"{spec.name}/{args.quant}/{args.method}/{args.stack}"
-    path = common.write_run(common.result_path(BENCHMARK, record["gpu"]["name"], args.results_root),
-                            BENCHMARK, key, record)
-    print(f"[bench] max_context {key}: {record['status']} longest trained {record.get('max_seq_trained')} "
-          f"({record.get('bound', record.get('reason', record.get('error', '')))[:200]})", flush=True)
-    print(f"[bench] written to {path}", flush=True)
-    return 0 if record["status"] in ("ok", "unsupported") else 1
+    summary = (f"[bench] max_context {key}: {record['status']} longest trained {record.get('max_seq_trained')} "
+               f"({record.get('bound', record.get('reason', record.get('error', '')))[:200]})")
+    return common.finish_run(BENCHMARK, key, record, t_start, args.results_root, summary)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,6 @@ def profile(stack: str, args) -> None:
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows // 2, max_name_column_width=60))
-    del model, optimizer
-    torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 
+from common import Unsupported  # raised by the loaders below, recorded by the scripts
+
 STACKS = ("fasttune", "hf", "liger", "unsloth")
 DECODE_STACKS = ("fasttune", "hf", "unsloth")  # Liger has training kernels only
 
@@ -36,10 +38,6 @@ OFFLINE_ENV = {
     "UNSLOTH_PREWARM_HUB_CACHE": "0",
     "UNSLOTH_STUDIO_DISABLED": "1",
 }
-
-
-class Unsupported(Exception):
-    """The stack has no path for this configuration (recorded, not an error)."""
 
 
 def set_offline_env() -> None:

@@ -28,7 +28,6 @@ import argparse
 import os
 import sys
 import time
-import traceback
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
@@ -147,7 +146,7 @@ def main(argv=None) -> int:
         "model_params_n": common.param_count(spec), "lora_params": lora_params,
     }
     t_start = time.perf_counter()
-    try:
+    with common.recorded(record):
         ckpt = common.ensure_checkpoint(spec, args.ckpt_root, args.size)
         ceilings = common.machine_ceilings()
         record["machine"] = ceilings
@@ -171,25 +170,8 @@ def main(argv=None) -> int:
                                 ceilings["bf16_matmul_tflops"]))
         record["problems"] = common.training_problems(losses, norms, args.steps, update)
         record["status"] = "ok" if not record["problems"] else "failed-checks"
-    except stacks.Unsupported as err:
-        record["status"] = "unsupported"
-        record["reason"] = str(err)[:500]
-    except Exception as err:  # the failure is a result too
-        traceback.print_exc()
-        record["error"] = f"{type(err).__name__}: {err}"[:2000]
-        record["traceback_tail"] = traceback.format_exc()[-3000:]
-        if cuda and isinstance(err, torch.OutOfMemoryError):
-            record["status"] = "oom"
-    record["wall_s"] = round(time.perf_counter() - t_start, 1)
-    record.update(common.provenance())
-    if os.environ.get("FASTTUNE_BENCH_COMMAND"):
-        record["driver_command"] = os.environ["FASTTUNE_BENCH_COMMAND"]
     key = run_key(args)
-    path = common.write_run(common.result_path(BENCHMARK, record["gpu"]["name"], args.results_root),
-                            BENCHMARK, key, record)
-    print(one_line(key, record), flush=True)
-    print(f"[bench] written to {path}", flush=True)
-    return 0 if record["status"] in ("ok", "unsupported") else 1
+    return common.finish_run(BENCHMARK, key, record, t_start, args.results_root, one_line(key, record))
 
 
 def one_line(key: str, r: dict) -> str:

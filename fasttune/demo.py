@@ -95,7 +95,6 @@ def generate_answers(model, tokenizer, users: list[str], batch_size: int = 50, p
                      desc: str = "eval") -> list[str]:
     from tqdm.auto import tqdm
 
-    from .data.responses_only import resolve_parts
     from .loader import FastLanguageModel
 
     FastLanguageModel.for_inference(model)  # left padding, so every row's answer starts at the same step
