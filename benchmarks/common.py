@@ -176,31 +176,6 @@ def synthetic_tokenizer(vocab_size: int, specials: dict[int, str], pad: str, bos
     )
 
 
-def bf16_matmul_tflops(n: int = 8192, repeats: int = 10) -> float | None:
-    """The GPU's bf16 matmul rate on random data (median of `repeats` timed products after warm-up),
-    the denominator of MFU. None without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del a, b
-    torch.cuda.empty_cache()
-    times.sort()
-    return round(2 * n**3 / times[len(times) // 2] / 1e12, 1)
-
-
 # ------------------------------------------------------------------------------------------------
 # Model registry: copies of the real config.json numbers, built as random-init checkpoints
 # ------------------------------------------------------------------------------------------------

@@ -390,7 +390,7 @@ def main(argv=None) -> int:
         else "transformers (use_reentrant=False)",
         **common.provenance(),
     }
-    peak = None if (args.no_peak or not cuda) else common.bf16_matmul_tflops()
+    peak = None if (args.no_peak or not cuda) else common.matmul_peak_tflops()
     ckpt = args.ckpt_dir or os.path.join(tempfile.gettempdir(), "fasttune-bench", args.size)
     ok = False
     try:
