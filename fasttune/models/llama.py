@@ -19,22 +19,25 @@ from dataclasses import dataclass, field
 from types import MethodType
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..kernels import apply_rope, causal_lm_loss, glu_activation, rms_norm, rope_cos_sin
+from ..kernels import apply_rope, attention, causal_lm_loss, glu_activation, rms_norm, rope_cos_sin
 from ..kernels.activations import SUPPORTED_ACTIVATIONS
 from .rope import rope_inv_freq
 
 
 @dataclass(frozen=True)
 class FamilySpec:
-    """What distinguishes one family's math from Llama's."""
+    """What distinguishes one family's math from Llama's. Per-checkpoint numbers (softcaps, windows,
+    rope bases, the attention scale) are read from the config into FastState instead."""
 
     name: str
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before rope
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head's q and k before rope
+    norm_offset: float = 0.0  # Gemma: norms scale by (1 + w), in fp32
+    sandwich_norms: bool = False  # Gemma 2/3: norms after attention and around the MLP as well
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden_size), in the model dtype
 
 
 LLAMA = FamilySpec("llama")
@@ -50,15 +53,18 @@ class FastState:
     eps: float
     activation: str
     windows: list  # per layer: sliding window size or None
-    inv_freq: torch.Tensor
-    rope_scaling: float
+    ropes: dict  # rope key -> (inv_freq in fp32, attention scaling)
+    layer_ropes: list  # per layer: its rope key (Gemma 3: local and global bases)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    embed_scale: float | None = None  # applied here only when the embedding module does not
     gradient_checkpointing: bool = False
-    _inv_freq_on: dict = field(default_factory=dict)
+    _on_device: dict = field(default_factory=dict)
 
-    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
-        if device not in self._inv_freq_on:
-            self._inv_freq_on[device] = self.inv_freq.to(device)
-        return self._inv_freq_on[device]
+    def inv_freq_on(self, key, device: torch.device) -> torch.Tensor:
+        if (key, device) not in self._on_device:
+            self._on_device[(key, device)] = self.ropes[key][0].to(device)
+        return self._on_device[(key, device)]
 
 
 def layer_windows(config) -> list:
@@ -72,31 +78,51 @@ def layer_windows(config) -> list:
     return [window] * n
 
 
-def build_state(config, spec: FamilySpec) -> FastState:
+def _layer_rope_keys(config) -> list:
+    """Gemma 3 keeps one rope per layer type (a local base for sliding layers, a global one with
+    scaling for full layers); other families have one rope for all layers (key None)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t in params for t in set(layer_types)):
+        return list(layer_types[: config.num_hidden_layers])
+    return [None] * config.num_hidden_layers
+
+
+def build_state(config, spec: FamilySpec, embed_tokens=None) -> FastState:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    activation = getattr(config, "hidden_act", "silu")
+    # Gemma 2/3 name it hidden_activation; the others (Gemma 1 included) hidden_act.
+    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
     if activation not in SUPPORTED_ACTIVATIONS:
         raise NotImplementedError(
-            f"hidden_act={activation!r} is not supported by fasttune's forward "
+            f"hidden activation {activation!r} is not supported by fasttune's forward "
             f"(supported: {sorted(SUPPORTED_ACTIVATIONS)})"
         )
-    inv_freq, rope_scale = rope_inv_freq(config, head_dim)
+    layer_ropes = _layer_rope_keys(config)
+    ropes = {key: rope_inv_freq(config, head_dim, key) for key in dict.fromkeys(layer_ropes)}
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    # transformers' Gemma embedding modules scale their own output; scale here only if one does not.
+    embed_scale = None
+    if spec.scale_embeddings and not hasattr(embed_tokens, "embed_scale"):
+        embed_scale = config.hidden_size**0.5
     return FastState(
         spec=spec,
         head_dim=head_dim,
-        scaling=head_dim**-0.5,
+        scaling=(scalar if scalar else head_dim) ** -0.5,
         eps=config.rms_norm_eps,
         activation=activation,
         windows=layer_windows(config),
-        inv_freq=inv_freq,
-        rope_scaling=rope_scale,
+        ropes=ropes,
+        layer_ropes=layer_ropes,
+        attn_softcap=getattr(config, "attn_logit_softcapping", None),
+        final_softcap=getattr(config, "final_logit_softcapping", None),
+        embed_scale=embed_scale,
     )
 
 
 def patch_model(model, spec: FamilySpec) -> None:
     """Install fasttune's forward on a `*ForCausalLM` instance and its inner base model."""
     base = model.model
-    base._fasttune_state = build_state(model.config, spec)
+    base._fasttune_state = build_state(model.config, spec, base.embed_tokens)
     model.forward = MethodType(causal_lm_forward, model)
     base.forward = MethodType(base_model_forward, base)
 
@@ -109,13 +135,13 @@ def patch_model(model, spec: FamilySpec) -> None:
 class ForwardContext:
     """Positions, rotary tables and the masks of one forward call, shared by all layers."""
 
-    def __init__(self, *, past_len, q_len, pad_mask, doc_ids, user_mask, cos, sin, device):
+    def __init__(self, *, past_len, q_len, pad_mask, doc_ids, user_mask, rope, device):
         self.past_len = past_len
         self.q_len = q_len
         self.pad_mask = pad_mask  # (b, past_len + q_len) bool, or None when nothing is padded
         self.doc_ids = doc_ids  # (b, q_len) document index of packed rows, or None
         self.user_mask = user_mask  # a 4-D mask given by the caller, used as is
-        self.cos, self.sin = cos, sin
+        self.rope = rope  # rope key -> (cos, sin), each (b, q_len, rotary dim)
         self.device = device
         self._masks = {}
 
@@ -194,10 +220,13 @@ def _prepare_context(state, inputs_embeds, attention_mask, position_ids, cache) 
             position_ids = position_ids.expand(b, -1)
         if past_len == 0 and pad_mask is None and user_mask is None:
             doc_ids = _packed_doc_ids(position_ids)
-    cos, sin = rope_cos_sin(position_ids, state.inv_freq_on(device), state.rope_scaling, inputs_embeds.dtype)
+    rope = {
+        key: rope_cos_sin(position_ids, state.inv_freq_on(key, device), scaling, inputs_embeds.dtype)
+        for key, (_, scaling) in state.ropes.items()
+    }
     return ForwardContext(
         past_len=past_len, q_len=q_len, pad_mask=pad_mask, doc_ids=doc_ids, user_mask=user_mask,
-        cos=cos, sin=sin, device=device,
+        rope=rope, device=device,
     )
 
 
@@ -213,21 +242,16 @@ def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, lay
     k = attn.k_proj(x).view(b, s, -1, hd)
     v = attn.v_proj(x).view(b, s, -1, hd).transpose(1, 2)
     if state.spec.qk_norm:
-        q = rms_norm(q, attn.q_norm.weight, state.eps)
-        k = rms_norm(k, attn.k_norm.weight, state.eps)
-    q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), ctx.cos, ctx.sin)
+        q = rms_norm(q, attn.q_norm.weight, state.eps, state.spec.norm_offset)
+        k = rms_norm(k, attn.k_norm.weight, state.eps, state.spec.norm_offset)
+    cos, sin = ctx.rope[state.layer_ropes[layer_idx]]
+    q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     if cache is not None:
         k, v = cache.update(k, v, layer_idx)
     mask, is_causal = ctx.mask(k.shape[-2], state.windows[layer_idx])
-    dropout = attn.attention_dropout if attn.training else 0.0
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1 and mask is not None and q.is_cuda:
-        # CUDA's masked (memory-efficient) SDPA kernel has no GQA support and would fall back to the
-        # math kernel; sharing heads by expansion keeps it on the fast kernel.
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout, scale=state.scaling,
-        enable_gqa=q.shape[1] != k.shape[1],
+    out = attention(
+        q, k, v, mask=mask, is_causal=is_causal, scale=state.scaling, softcap=state.attn_softcap,
+        dropout=attn.attention_dropout if attn.training else 0.0,
     )
     return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -237,10 +261,16 @@ def mlp_forward(mlp, x, state: FastState):
 
 
 def decoder_layer_forward(layer, x, ctx: ForwardContext, state: FastState, cache, layer_idx: int):
-    h = rms_norm(x, layer.input_layernorm.weight, state.eps)
-    x = x + attention_forward(layer.self_attn, h, ctx, state, cache, layer_idx)
-    h = rms_norm(x, layer.post_attention_layernorm.weight, state.eps)
-    return x + mlp_forward(layer.mlp, h, state)
+    def norm(h, module):
+        return rms_norm(h, module.weight, state.eps, state.spec.norm_offset)
+
+    h = attention_forward(layer.self_attn, norm(x, layer.input_layernorm), ctx, state, cache, layer_idx)
+    if not state.spec.sandwich_norms:
+        x = x + h
+        return x + mlp_forward(layer.mlp, norm(x, layer.post_attention_layernorm), state)
+    x = x + norm(h, layer.post_attention_layernorm)
+    h = mlp_forward(layer.mlp, norm(x, layer.pre_feedforward_layernorm), state)
+    return x + norm(h, layer.post_feedforward_layernorm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,6 +301,8 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     if inputs_embeds is None:
         inputs_embeds = base.embed_tokens(input_ids)
+        if state.embed_scale is not None:
+            inputs_embeds = inputs_embeds * torch.tensor(state.embed_scale, dtype=inputs_embeds.dtype)
     if use_cache is None:
         use_cache = base.config.use_cache and not base.training
     cache = past_key_values
@@ -289,7 +321,7 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
             hidden = decoder_layer_forward(layer, hidden, ctx, state, cache, idx)
         if all_hidden is not None:
             all_hidden.append(hidden)
-    hidden = rms_norm(hidden, base.norm.weight, state.eps)
+    hidden = rms_norm(hidden, base.norm.weight, state.eps, state.spec.norm_offset)
     if all_hidden is not None:
         all_hidden[-1] = hidden
     return hidden, cache, all_hidden
@@ -334,6 +366,9 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     else:
         hidden = hidden[:, logits_to_keep]
     logits = self.lm_head(hidden)
+    cap = self.model._fasttune_state.final_softcap
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
     loss = None
     if labels is not None or shift_labels is not None:
         loss = causal_lm_loss(logits, labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from .gemma import GEMMA
+from .gemma2 import GEMMA2
+from .gemma3 import GEMMA3
 from .llama import LLAMA, FamilySpec, patch_model
 from .mistral import MISTRAL
 from .qwen2 import QWEN2
@@ -12,6 +15,9 @@ FAMILIES: dict[str, FamilySpec] = {
     "mistral": MISTRAL,
     "qwen2": QWEN2,
     "qwen3": QWEN3,
+    "gemma": GEMMA,
+    "gemma2": GEMMA2,
+    "gemma3_text": GEMMA3,  # Gemma3ForCausalLM; the multimodal "gemma3" takes the generic path
 }
 
 
