@@ -172,8 +172,8 @@ def _targets():
 def _hf_kwargs(four_bit: bool) -> dict:
     import torch
 
-    kwargs = dict(dtype=torch.bfloat16, attn_implementation="sdpa",
-                  device_map={"": 0} if torch.cuda.is_available() else None)
+    # transformers' default attention: SDPA where the model supports it (Gemma 2 does not: eager)
+    kwargs = dict(dtype=torch.bfloat16, device_map={"": 0} if torch.cuda.is_available() else None)
     if four_bit:
         from transformers import BitsAndBytesConfig
 

@@ -155,7 +155,6 @@ class FastLanguageModel:
             raise _not_yet("a pre-quantized checkpoint", source.path, "quantized checkpoints arrive with quantization support")
 
         torch.manual_seed(random_state)
-        kwargs.setdefault("attn_implementation", "sdpa")
         model = AutoModelForCausalLM.from_pretrained(
             source.path, config=config, dtype=torch_dtype, device_map=_device_map(device_map), **common, **kwargs
         )

@@ -114,3 +114,16 @@ def test_real_gemma3_lora_learns_and_merges(gemma3_dir, tmp_path):
     model.save_pretrained_merged(tmp_path / "merged", tok, save_method="merged_16bit")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert torch.equal(merged.generate(**prompt, max_new_tokens=8, do_sample=False), adapter_tokens)
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3"])
+def test_from_pretrained_loads_each_gemma_family(tiny_model_dir, name):
+    """Through the user's path (transformers has no SDPA attention for Gemma 2: the loader must not ask
+    for one), with LoRA training and the merged export."""
+    model, tok = FastLanguageModel.from_pretrained(tiny_model_dir(name), load_in_4bit=False, max_seq_length=64)
+    assert model.forward.__func__.__name__ == "causal_lm_forward"
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    ids = tok(["a short example", "and another one here"], return_tensors="pt", padding=True)
+    out = model(**ids, labels=ids.input_ids.masked_fill(ids.attention_mask == 0, -100))
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
