@@ -43,6 +43,9 @@ def tiny_config(name: str, **overrides):
     kwargs = dict(COMMON)
     kwargs.update(FAMILY_CONFIGS[name])
     kwargs.update(overrides)
+    if "layer_types" in kwargs and len(kwargs["layer_types"]) != kwargs["num_hidden_layers"]:
+        pattern = kwargs["layer_types"]  # repeat the family's pattern over a deeper override
+        kwargs["layer_types"] = [pattern[i % len(pattern)] for i in range(kwargs["num_hidden_layers"])]
     model_type = kwargs.pop("model_type")
     return AutoConfig.for_model(model_type, **kwargs)
 
