@@ -81,7 +81,7 @@ def status_text(r: dict) -> str:
         return "failed checks: " + "; ".join(r.get("problems", []))[:80]
     if s != "ok":
         return "error: " + (r.get("error") or s or "?")[:80].replace("|", "/")
-    return ""
+    return r.get("note", "").replace("|", "/")  # a run-specific caveat written into its record
 
 
 def _fmt(x, spec=",.0f", dash="—"):
