@@ -8,6 +8,9 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton kernels run in Triton's interpreter on a CPU; it must be on before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
