@@ -6,7 +6,8 @@
     python3 benchmarks/report.py --merge /path/to/call/res    # fold a GPU call's results in first
 
 The README block between `<!-- bench:start -->` and `<!-- bench:end -->` is replaced, nothing else.
-Charts: <gpu folder>/train.png (tokens/s and peak memory per configuration and stack) and decode.png.
+Charts: <gpu folder>/train.png (tokens/s and peak memory per configuration and stack), decode.png and
+kernels.png (benchmarks/kernels.py: speed-up over eager, fraction of copy bandwidth, peak memory).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 STACK_ORDER = ("fasttune", "unsloth", "liger", "hf")
 MODEL_ORDER = ("llama-1b", "llama-8b", "qwen2.5-7b", "mistral-7b", "gemma2-2b")
-BENCHMARKS = ("train", "decode", "max_context")
+BENCHMARKS = ("train", "decode", "max_context", "kernels")
 
 
 def load(gpu_dir: Path) -> dict:
@@ -300,8 +301,155 @@ def markdown(gpu_dir: Path, data: dict) -> str:
     if data.get("max_context"):
         parts += ["", "**Longest trainable sequence** (`benchmarks/max_context.py`, batch 1, LoRA)", "",
                   max_context_table(data["max_context"])]
+    if data.get("kernels"):
+        parts += ["", "**Kernels** (`benchmarks/kernels.py`; bf16, 2 × 4096 tokens; median over CUDA events, L2 flushed; "
+                  "GB/s over the minimal traffic against the copy bandwidth measured in the same process; "
+                  "backward = fwd+bwd − forward; peak = max allocated during one fwd+bwd call minus allocated "
+                  "before it; every implementation checked against the fp32 reference before it is timed)",
+                  "", kernels_table(data["kernels"]), "", kernel_targets_table(data["kernels"])]
+        if (gpu_dir / "kernels.png").is_file():
+            parts += ["", f"![kernel micro-benchmarks]({_rel(gpu_dir / 'kernels.png')})"]
     parts += ["", "**Targets**", "", targets_table(data)]
     return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels (benchmarks/kernels.py): one record per shape, one case per op, one entry per implementation
+# ------------------------------------------------------------------------------------------------
+
+IMPL_ORDER = ("fasttune", "liger", "compile", "eager", "logits")
+IMPL_COLORS = {"fasttune": "#d62728", "liger": "#9467bd", "compile": "#ff7f0e", "eager": "#1f77b4", "logits": "#7f7f7f"}
+
+
+def kernel_cases(runs: dict) -> list[tuple[dict, dict]]:
+    records = sorted(runs.values(), key=lambda r: _model_key(r.get("shape", "")))
+    return [(r, c) for r in records for c in r.get("cases", [])]
+
+
+def _throughput(case: dict, m: dict | None) -> str:
+    if not m:
+        return "—"
+    if m.get("gbs") is not None:
+        frac = f" · {m['bw_fraction']:.0%}" if m.get("bw_fraction") is not None else ""
+        return f"{m['gbs']:,.0f} GB/s{frac}"
+    if m.get("tflops") is not None:
+        frac = f" · {m['peak_fraction']:.0%}" if m.get("peak_fraction") is not None else ""
+        return f"{m['tflops']:,.0f} TFLOP/s{frac}"
+    return "—"
+
+
+def _kernel_note(r: dict) -> str:
+    s = r.get("status")
+    if s == "ok":
+        vs = r.get("vs_logits")
+        if vs and vs.get("peak_ratio") is not None:
+            return f"peak {vs['peak_ratio']:.3f}×, time {vs['time_ratio']:.2f}× the logits path"
+        return ""
+    if s == "wrong":
+        return "WRONG: " + r.get("error", "").removeprefix("wrong result: ")[:90].replace("|", "/")
+    if s in ("unsupported", "skipped"):
+        return f"{s}: {r.get('reason', '')[:70]}".replace("|", "/")
+    return f"{s}: {r.get('error', '')[:90]}".replace("|", "/")
+
+
+def kernels_table(runs: dict) -> str:
+    lines = ["| shape | op | impl | fwd ms | fwd+bwd ms | × eager | forward | backward | fwd+bwd | peak MB | err / tol | note |",
+             "|---|---|---|---:|---:|---:|---|---|---|---:|---:|---|"]
+    for rec, case in kernel_cases(runs):
+        op = f"{case['op']} ({case.get('variant', '')})"
+        if case.get("error"):
+            lines.append(f"| {rec['shape']} | {op} | — | | | | | | | | | error: {case['error'][:90]} |")
+        for name in sorted(case.get("impls", {}), key=lambda n: _order(IMPL_ORDER, n)):
+            r = case["impls"][name]
+            fwd, fb = r.get("forward") or {}, r.get("fwd+bwd") or {}
+            x = (r.get("speedup_vs_eager") or {}).get("fwd+bwd")
+            chk = r.get("check") or {}
+            ratios = [e / t for k, t in chk.get("tolerances", {}).items()
+                      if isinstance(e := chk.get("errors", {}).get(k), (int, float)) and t]
+            err = f"{max(ratios):.2f}" if ratios else "—"
+            impl = f"**{name}**" if name == "fasttune" else name
+            lines.append(f"| {rec['shape']} | {op} | {impl} | {_fmt(fwd.get('ms'), '.3f')} | {_fmt(fb.get('ms'), '.3f')} | "
+                         f"{_fmt(x, '.2f')} | {_throughput(case, fwd or None)} | {_throughput(case, r.get('backward'))} | "
+                         f"{_throughput(case, fb or None)} | {_fmt(fb.get('peak_mb'), ',.0f')} | {err} | {_kernel_note(r)} |")
+    return "\n".join(lines)
+
+
+def kernel_targets_table(runs: dict) -> str:
+    lines = ["| kernel target (fasttune) | shape | op | measured | |", "|---|---|---|---|---|"]
+    for rec, case in kernel_cases(runs):
+        t = case.get("target") or {}
+        if t:
+            verdict = {True: "met", False: "not met", None: "—"}[t.get("met")]
+            lines.append(f"| {t['label']} | {rec['shape']} | {case['op']} | {t['measured']} | {verdict} |")
+    return "\n".join(lines)
+
+
+def kernels_chart(runs: dict, path: Path, title: str) -> Path | None:
+    """Per op and shape, bars per implementation: fwd+bwd speed-up over eager, forward and backward fraction of
+    the copy bandwidth (the loss: fwd+bwd), fwd+bwd peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = kernel_cases(runs)
+    if not rows:
+        return None
+    impls = [n for n in IMPL_ORDER if any(n in c.get("impls", {}) for _, c in rows)]
+
+    def speedup(c, r):
+        return (r.get("speedup_vs_eager") or {}).get("fwd+bwd")
+
+    def frac(mode):
+        def get(c, r):
+            m = r.get(mode if mode == "forward" or c["op"] != "cross_entropy" else "fwd+bwd") or {}
+            return m.get("bw_fraction") if c.get("memory_bound") else None
+        return get
+
+    def peak(c, r):
+        return (r.get("fwd+bwd") or {}).get("peak_mb", 0) / 1024 or None
+
+    panels = [(speedup, "fwd+bwd speed-up over eager (×)", 1.0), (frac("forward"), "forward: fraction of copy BW", 0.8),
+              (frac("backward"), "backward (loss: fwd+bwd): fraction of copy BW", 0.8), (peak, "fwd+bwd peak GB", None)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 1.5 + 0.55 * len(rows)), sharey=True)
+    width = 0.8 / max(len(impls), 1)
+    for ax, (get, label, line) in zip(axes, panels):
+        named = set()
+        for ci, (rec, case) in enumerate(rows):
+            for ii, name in enumerate(impls):
+                r = case.get("impls", {}).get(name)
+                if not r:
+                    continue
+                y = ci + (ii - (len(impls) - 1) / 2) * width
+                v = get(case, r) if r.get("status") == "ok" else None
+                if v:
+                    ax.barh(y, v, height=width, color=IMPL_COLORS.get(name, "gray"),
+                            label=None if name in named else name)
+                    named.add(name)
+                    ax.text(v, y, f" {v:.2f}" if v < 10 else f" {v:.0f}", va="center", fontsize=6)
+                elif r.get("status") in ("wrong", "error", "oom"):
+                    ax.text(0, y, f" {name}: {r['status']}", va="center", fontsize=6, color="red")
+        if line:
+            ax.axvline(line, color="black", lw=0.8, ls="--")
+        if get is speedup:
+            ax.set_xscale("log")  # ratios: 0.5x and 2x equally far from 1
+        ax.set_xlabel(label, fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(rows)))
+    axes[0].set_yticklabels([f"{r['shape']} {c['op']}" for r, c in rows], fontsize=7)
+    axes[0].invert_yaxis()
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    fig.suptitle(textwrap.fill(title, 200), fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _rel(path: Path) -> str:
@@ -444,7 +592,8 @@ def main(argv=None) -> int:
         title = provenance_line(data)
         if not args.no_charts:
             for made in (train_chart(data.get("train", {}), d / "train.png", title),
-                         decode_chart(data.get("decode", {}), d / "decode.png", title, ceilings(data)["copy_gbs"])):
+                         decode_chart(data.get("decode", {}), d / "decode.png", title, ceilings(data)["copy_gbs"]),
+                         kernels_chart(data.get("kernels", {}), d / "kernels.png", title)):
                 if made:
                     print(f"[report] wrote {made}")
         block = markdown(d, data)

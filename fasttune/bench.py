@@ -5,12 +5,13 @@
     fasttune bench --set smoke --size tiny                 # the harness on a CPU, in seconds
     fasttune bench --set registry --stacks fasttune,unsloth --skip-done benchmarks/results
     fasttune bench --job train:fasttune:llama-8b:16bit:lora:4096:1
+    fasttune bench --set kernels                           # kernel micro-benchmarks, one process per shape
 
 Each job runs `benchmarks/<kind>.py` from a fasttune checkout in its own process (a stack's imports and
 patches stay in that process), under a timeout; the checkpoints it needs are built first. Jobs whose time
 estimate no longer fits before --deadline are skipped and listed, so a long set runs in pieces: run the same
 command again with --skip-done pointing at the results gathered so far and it takes up where it stopped.
-Results accumulate in <results-root>/<gpu>/{train,decode,max_context}.json; a table of this run's results is
+Results accumulate in <results-root>/<gpu>/{train,decode,max_context,kernels}.json; a table of this run's results is
 printed at the end. The peer stacks' packages are found in <checkout>/.peerpkgs/site when it exists.
 """
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STACKS = ("fasttune", "hf", "liger", "unsloth")
-KINDS = ("train", "decode", "max_context")
+KINDS = ("train", "decode", "max_context", "kernels")
 
 
 def benchmarks_dir() -> Path:
@@ -74,14 +75,21 @@ class Job:
             return f"{m}/{self.quant}/{self.method}/s{self.seq}b{self.batch}/{self.stack}"
         if self.kind == "decode":
             return f"{m}/{self.quant}/{self.stack}"
+        if self.kind == "kernels":  # one record per shape, every implementation inside it
+            return m
         return f"{m}/{self.quant}/{self.method}/{self.stack}"
 
     def label(self) -> str:
+        if self.kind == "kernels":
+            return f"kernels {self.model}"
         if self.kind == "train":
             return f"train {self.stack} {self.model} {self.quant} {self.method} {self.seq}x{self.batch}"
         return f"{self.kind} {self.stack} {self.model} {self.quant}"
 
     def argv(self, bench_dir: Path, results_root: str | None, size: str, passthrough: dict) -> list[str]:
+        if self.kind == "kernels":
+            cmd = [sys.executable, str(bench_dir / "kernels.py"), "--shapes", self.model, "--size", size]
+            return cmd + (["--results-root", str(results_root)] if results_root else []) + list(self.extra)
         cmd = [sys.executable, str(bench_dir / f"{self.kind}.py"), "--stack", self.stack, "--model", self.model,
                "--quant", self.quant, "--size", size]
         if self.kind in ("train", "max_context"):
@@ -100,6 +108,8 @@ class Job:
         the job's timeout is three times this, so a low guess costs a skipped job at worst."""
         if size == "tiny":
             return 30.0
+        if self.kind == "kernels":  # imports, Triton JIT, torch.compile of each op, ~60 timed measurements
+            return 120.0
         if self.stack == "fasttune" and (self.quant == "4bit" or self.method == "full"):
             return 20.0  # refused before the weights load (until fasttune has these paths)
         big = not self.model.endswith(("1b", "2b"))
@@ -133,6 +143,7 @@ SETS: dict[str, list[Job]] = {
                  for job in _train(PRIORITY, model, quant, seq, batch)],
 }
 SETS["headline"] = SETS["llama-1b"] + SETS["llama-8b"]
+SETS["kernels"] = [Job("kernels", "fasttune", m) for m in ("llama-8b", "gemma2-2b")]
 
 
 def _done(root: Path | None, gpu_slug: str, job: Job, size: str) -> bool:
@@ -245,7 +256,7 @@ def run_jobs(jobs: list[Job], *, size: str = "full", results_root=None, deadline
             spec = common.model_spec(job.model, size)
             ckpt = common.checkpoint_dir(spec, ckpt_root)
             build_s = 0.0
-            if spec.name not in built and not (ckpt / ".complete").exists():
+            if job.kind != "kernels" and spec.name not in built and not (ckpt / ".complete").exists():
                 build_s = 10.0 if size == "tiny" else (30.0 if job.model.endswith(("1b", "2b")) else 100.0)
             if left < need + build_s:
                 report["skipped"].append((job, f"needs ~{need + build_s:.0f} s, {max(left, 0):.0f} s left"))
@@ -300,7 +311,8 @@ def print_tables(report: dict, results_root, size: str) -> None:
 
     gpu_dir = Path(results_root or common.RESULTS) / report["gpu_slug"]
     data = rep.load(gpu_dir)
-    for kind, render in (("train", rep.train_table), ("decode", rep.decode_table), ("max_context", rep.max_context_table)):
+    for kind, render in (("train", rep.train_table), ("decode", rep.decode_table), ("max_context", rep.max_context_table),
+                         ("kernels", rep.kernels_table)):
         keys = {job.key(size) for job, _ in report["ran"] if job.kind == kind}
         runs = {k: v for k, v in data.get(kind, {}).items() if k in keys}
         if runs:

@@ -222,3 +222,23 @@ def test_loss_matches_plain_pytorch_cross_entropy():
         out = fast(input_ids=ids, labels=labels)
     expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 128).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
+
+
+def test_training_loss_forms_no_logits_and_matches_the_logits_path():
+    """With labels in training, the loss comes from the chunked fused path (no logits returned); it
+    equals the loss over the logits the eval path returns, gradients included."""
+    _, fast = patched_pair("gemma2")  # final-logit softcap: the fused path must apply it too
+    ids = torch.randint(3, 128, (2, 13))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    fast.train()
+    out = fast(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    fused_grad = fast.lm_head.weight.grad.clone()
+    fast.zero_grad()
+    logits = fast(input_ids=ids).logits  # no labels: the logits path
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 128).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+    expected.backward()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=0)
+    assert (fused_grad - fast.lm_head.weight.grad).norm() <= 1e-4 * fast.lm_head.weight.grad.norm()

@@ -14,6 +14,7 @@ applies the mask is dropped and SDPA runs its causal fast path.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from types import MethodType
@@ -24,6 +25,7 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..kernels import apply_rope, attention, causal_lm_loss, glu_activation, rms_norm, rope_cos_sin
+from ..kernels.fused_linear_ce import fused_lm_head_loss
 from ..kernels.activations import SUPPORTED_ACTIVATIONS
 from .rope import rope_inv_freq
 
@@ -279,6 +281,10 @@ def decoder_layer_forward(layer, x, ctx: ForwardContext, state: FastState, cache
 
 # Arguments other stacks pass that carry nothing the owned forward needs: cache positions follow from
 # the cache, and packed-document boundaries (TRL's flash-attention varlen metadata) from position_ids.
+# In training with labels the forward returns the loss and no logits (they are never formed);
+# FASTTUNE_RETURN_TRAINING_LOGITS=1 forms them as transformers does, at the memory cost of doing so.
+_RETURN_TRAINING_LOGITS = os.environ.get("FASTTUNE_RETURN_TRAINING_LOGITS", "0") not in ("", "0", "false", "False")
+
 _SILENTLY_ACCEPTED = {
     "cache_position", "output_attentions", "return_dict", "token_type_ids",
     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
@@ -365,13 +371,20 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
             hidden = hidden[:, -logits_to_keep:]
     else:
         hidden = hidden[:, logits_to_keep]
-    logits = self.lm_head(hidden)
     cap = self.model._fasttune_state.final_softcap
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    loss = None
-    if labels is not None or shift_labels is not None:
-        loss = causal_lm_loss(logits, labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+    has_labels = labels is not None or shift_labels is not None
+    loss = logits = None
+    if has_labels and self.training and torch.is_grad_enabled() and not _RETURN_TRAINING_LOGITS:
+        # Training never forms the (tokens x vocab) logits: the loss and its gradients are computed
+        # in token chunks. An adapter on lm_head is included, or refused with an error.
+        loss = fused_lm_head_loss(self.lm_head, hidden, labels, shift_labels=shift_labels,
+                                  num_items_in_batch=num_items_in_batch, softcap=cap)
+    else:
+        raw = self.lm_head(hidden)
+        if has_labels:
+            loss = causal_lm_loss(raw, labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                                  softcap=cap)
+        logits = raw if cap is None else torch.tanh(raw / cap) * cap
     out = CausalLMOutputWithPast(
         loss=loss, logits=logits, past_key_values=cache, hidden_states=tuple(all_hidden) if all_hidden else None
     )

@@ -1,0 +1,259 @@
+"""SwiGLU / GeGLU kernels against their reference: forward, dgate and dup, fp32 / bf16 (fp16 on the GPU).
+
+The rule for low precision: the kernel's error against an fp64 ground truth is no worse than that of
+the plain PyTorch reference run in the same dtype. On a CPU the kernels run in Triton's interpreter
+(tests/conftest.py turns it on) at small sizes; `pytest -m gpu` runs them at real sizes.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from fasttune.kernels.activations import (
+    SUPPORTED_ACTIVATIONS,
+    GLUFunction,
+    glu_activation,
+    glu_activation_reference,
+)
+
+act = importlib.import_module("fasttune.kernels.activations")
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _kernels_runnable():
+    if HAS_CUDA:
+        return True
+    return type(act._glu_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+pytestmark = pytest.mark.skipif(
+    not _kernels_runnable(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before import"
+)
+
+# one name per kernel code; the aliases are checked separately
+KINDS = ["silu", "gelu", "gelu_pytorch_tanh"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _err(a, truth):
+    return (a.double() - truth).abs().max().item()
+
+
+def assert_no_worse(name, kernel, ref, truth, dtype):
+    """kernel_err <= 1.5 * ref_err + a small slack relative to the values' scale."""
+    assert kernel.shape == ref.shape, (name, kernel.shape, ref.shape)
+    assert kernel.dtype == ref.dtype, (name, kernel.dtype, ref.dtype)
+    assert torch.isfinite(kernel).all(), name
+    k, r = _err(kernel, truth), _err(ref, truth)
+    scale = truth.abs().max().item()
+    slack = (1e-5 if dtype == torch.float32 else 1e-3) * scale + 1e-6
+    assert k <= 1.5 * r + slack, f"{name}: kernel err {k:.3g} vs reference err {r:.3g} (scale {scale:.3g})"
+
+
+def _layouts(g: torch.Tensor, u: torch.Tensor, layout: str):
+    """The same values in another memory layout."""
+    if layout == "contiguous":
+        return g.contiguous(), u.contiguous()
+    if layout == "fused":  # both halves of one gate_up projection: row-strided views, no copy
+        gu = torch.cat([g, u], dim=-1)
+        n = g.shape[-1]
+        return gu[..., :n], gu[..., n:]
+    if layout == "transposed":  # rows not evenly strided: the launcher must copy
+        return tuple(t.transpose(0, 1).contiguous().transpose(0, 1) for t in (g, u))
+    if layout == "col_strided":  # last dim not unit-stride
+        out = []
+        for t in (g, u):
+            buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+            buf[..., 1::2] = t
+            out.append(buf[..., 1::2])
+        return tuple(out)
+    raise ValueError(layout)
+
+
+def _dh_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return t
+    if layout == "transposed":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "expanded":  # stride-0 rows
+        return t[:1].expand_as(t)
+    raise ValueError(layout)
+
+
+def _inputs(shape, dtype, device, layout="contiguous", up_dtype=None):
+    g = torch.randn(shape, device=device) * 2.5
+    g.view(-1)[:: max(1, g.numel() // 50)] = 30.0  # saturated tails: sigmoid -> 1, tanh -> 1
+    g.view(-1)[1 :: max(1, g.numel() // 50)] = -30.0
+    u = torch.randn(shape, device=device)
+    return _layouts(g.to(dtype), u.to(up_dtype or dtype), layout)
+
+
+def _upstream(shape, dtype, device, layout="contiguous"):
+    """Uneven upstream gradients: rows scaled over five orders of magnitude, some rows all zero."""
+    dh = torch.randn(shape, device=device)
+    rows = dh.reshape(-1, shape[-1])
+    rows.mul_(torch.logspace(-2, 2, rows.shape[0], device=device)[torch.randperm(rows.shape[0], device=device)][:, None])
+    rows[::5] = 0
+    return _dh_layout(dh.to(dtype), layout)
+
+
+def _run(fn, g, u, dh, kind, want_g=True, want_u=True):
+    g = g.detach().requires_grad_(want_g)
+    u = u.detach().requires_grad_(want_u)
+    h = fn(g, u, kind)
+    out = {"h": h.detach()}
+    wrt = [t for t in (g, u) if t.requires_grad]
+    if wrt:
+        grads = iter(torch.autograd.grad(h, wrt, dh))
+        if want_g:
+            out["dg"] = next(grads)
+        if want_u:
+            out["du"] = next(grads)
+    return out
+
+
+def check_glu(shape, dtype, kind, device=DEVICE, layout="contiguous", dh_layout="contiguous", up_dtype=None,
+              want_g=True, want_u=True, fn=GLUFunction.apply):
+    g, u = _inputs(shape, dtype, device, layout, up_dtype)
+    dh = _upstream(shape, torch.promote_types(g.dtype, u.dtype), device, dh_layout)
+    got = _run(fn, g, u, dh, kind, want_g, want_u)
+    ref = _run(glu_activation_reference, g, u, dh, kind, want_g, want_u)
+    truth = _run(glu_activation_reference, g.double(), u.double(), dh.double(), kind, want_g, want_u)
+    assert set(got) == set(ref)
+    for k in got:
+        assert_no_worse(f"{k} {tuple(shape)} {dtype} {kind} {layout}", got[k], ref[k], truth[k], dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU (interpreter) or GPU at small sizes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["contiguous", "fused", "transposed", "col_strided"])
+def test_glu_odd_shape(dtype, kind, layout):
+    check_glu((5, 123, 123), dtype, kind, layout=layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dh_layout", ["transposed", "expanded"])
+def test_glu_noncontiguous_upstream_grad(dtype, dh_layout):
+    check_glu((4, 9, 80), dtype, "silu", dh_layout=dh_layout)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 1500), (7, 2, 257)])
+def test_glu_edge_shapes(shape):
+    check_glu(shape, torch.float32, "gelu")
+    check_glu(shape, torch.bfloat16, "silu")
+
+
+@pytest.mark.parametrize("want_g,want_u", [(True, False), (False, True)], ids=["dgate_only", "dup_only"])
+def test_glu_partial_grads(want_g, want_u):
+    check_glu((3, 21, 100), torch.bfloat16, "gelu_pytorch_tanh", want_g=want_g, want_u=want_u)
+
+
+def test_glu_mixed_dtypes():
+    # bf16 gate with an fp32 up: the product promotes to fp32 as the reference's does
+    check_glu((3, 17, 96), torch.bfloat16, "silu", up_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("alias,base", [("swish", "silu"), ("gelu_new", "gelu_pytorch_tanh"), ("gelu_fast", "gelu_pytorch_tanh")])
+def test_glu_aliases(alias, base):
+    g, u = _inputs((3, 40), torch.float32, DEVICE)
+    torch.testing.assert_close(GLUFunction.apply(g, u, alias), GLUFunction.apply(g, u, base), rtol=0, atol=0)
+    check_glu((3, 40), torch.bfloat16, alias)
+
+
+def test_glu_saves_only_gate_and_up():
+    g, u = _inputs((4, 33, 64), torch.bfloat16, DEVICE)
+    g.requires_grad_()
+    u.requires_grad_()
+    h = GLUFunction.apply(g, u, "silu")
+    saved = h.grad_fn.saved_tensors
+    assert len(saved) == 2
+    assert saved[0].data_ptr() == g.data_ptr() and saved[1].data_ptr() == u.data_ptr()
+
+
+def test_glu_empty_input():
+    g = torch.empty(0, 7, device=DEVICE, requires_grad=True)
+    u = torch.empty(0, 7, device=DEVICE, requires_grad=True)
+    h = GLUFunction.apply(g, u, "silu")
+    h.sum().backward()
+    assert h.shape == g.shape and g.grad.shape == g.shape and u.grad.shape == u.shape
+
+
+def test_glu_unknown_kind_raises():
+    g = torch.randn(2, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="relu"):
+        glu_activation(g, g, "relu")
+    with pytest.raises(ValueError, match="relu"):
+        GLUFunction.apply(g, g, "relu")
+
+
+def test_glu_dispatch_off_cuda_is_reference():
+    g, u = _inputs((2, 5, 32), torch.bfloat16, "cpu")
+    for kind in sorted(SUPPORTED_ACTIVATIONS):
+        torch.testing.assert_close(glu_activation(g, u, kind), glu_activation_reference(g, u, kind), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU at real sizes, through the public dispatch
+# --------------------------------------------------------------------------------------------
+
+GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _public(g, u, kind):
+    h = glu_activation(g, u, kind)
+    if h.requires_grad:
+        assert type(h.grad_fn).__name__.startswith("GLUFunction"), "dispatch did not pick the Triton kernel"
+    return h
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,kind",
+    [
+        ((2, 2048, 14336), "silu"),  # Llama-3-8B intermediate
+        ((2, 2048, 9216), "gelu_pytorch_tanh"),  # Gemma-2-2B intermediate
+        ((2, 2048, 9216), "gelu"),
+        ((3, 1001, 5003), "silu"),  # odd everything
+    ],
+    ids=["llama8b-swiglu", "gemma2-2b-geglu-tanh", "geglu-erf", "odd"],
+)
+def test_gpu_glu_real_sizes(dtype, shape, kind):
+    check_glu(shape, dtype, kind, device="cuda", fn=_public)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["fused", "transposed", "col_strided"])
+def test_gpu_glu_noncontiguous(dtype, layout):
+    check_glu((4, 1024, 14336), dtype, "silu", device="cuda", layout=layout, dh_layout="expanded", fn=_public)
+
+
+@pytest.mark.gpu
+def test_gpu_glu_partial_grads_and_mixed():
+    check_glu((2, 2048, 14336), torch.bfloat16, "silu", device="cuda", want_u=False, fn=_public)
+    check_glu((2, 2048, 14336), torch.bfloat16, "gelu", device="cuda", want_g=False, fn=_public)
+    check_glu((2, 1024, 9216), torch.bfloat16, "gelu_pytorch_tanh", device="cuda", up_dtype=torch.float32, fn=_public)
+
+
+@pytest.mark.gpu
+def test_gpu_glu_inference_no_grad():
+    g, u = _inputs((1, 7, 14336), torch.bfloat16, "cuda")
+    with torch.no_grad():
+        h = glu_activation(g, u, "silu")
+    truth = glu_activation_reference(g.double(), u.double(), "silu")
+    assert_no_worse("no_grad h", h, glu_activation_reference(g, u, "silu"), truth, torch.bfloat16)
