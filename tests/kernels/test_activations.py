@@ -11,6 +11,7 @@ import importlib
 
 import pytest
 import torch
+from kernel_rules import assert_no_worse, kernels_runnable
 
 from fasttune.kernels.activations import (
     SUPPORTED_ACTIVATIONS,
@@ -24,14 +25,8 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-def _kernels_runnable():
-    if HAS_CUDA:
-        return True
-    return type(act._glu_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 pytestmark = pytest.mark.skipif(
-    not _kernels_runnable(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before import"
+    not kernels_runnable(act._glu_fwd_kernel), reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before import"
 )
 
 # one name per kernel code; the aliases are checked separately
@@ -42,21 +37,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _err(a, truth):
-    return (a.double() - truth).abs().max().item()
-
-
-def assert_no_worse(name, kernel, ref, truth, dtype):
-    """kernel_err <= 1.5 * ref_err + a small slack relative to the values' scale."""
-    assert kernel.shape == ref.shape, (name, kernel.shape, ref.shape)
-    assert kernel.dtype == ref.dtype, (name, kernel.dtype, ref.dtype)
-    assert torch.isfinite(kernel).all(), name
-    k, r = _err(kernel, truth), _err(ref, truth)
-    scale = truth.abs().max().item()
-    slack = (1e-5 if dtype == torch.float32 else 1e-3) * scale + 1e-6
-    assert k <= 1.5 * r + slack, f"{name}: kernel err {k:.3g} vs reference err {r:.3g} (scale {scale:.3g})"
 
 
 def _layouts(g: torch.Tensor, u: torch.Tensor, layout: str):

@@ -11,6 +11,7 @@ import importlib
 
 import pytest
 import torch
+from kernel_rules import assert_no_worse, kernels_runnable
 
 from fasttune.kernels.rms_norm import (
     AddRMSNormFunction,
@@ -28,14 +29,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 EPS = 1e-6
 
 
-def _kernels_runnable():
-    if HAS_CUDA:
-        return True
-    return type(rn._rms_norm_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 pytestmark = pytest.mark.skipif(
-    not _kernels_runnable(), reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before import"
+    not kernels_runnable(rn._rms_norm_fwd_kernel), reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before import"
 )
 
 
@@ -49,21 +44,6 @@ def _truth(x, w, eps, offset):
     x = x.double()
     n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return n * (offset + w.double())
-
-
-def _err(a, truth):
-    return (a.double() - truth).abs().max().item()
-
-
-def assert_no_worse(name, kernel, ref, truth, dtype):
-    """kernel_err <= 1.5 * ref_err + a small slack relative to the values' scale."""
-    assert kernel.shape == ref.shape, (name, kernel.shape, ref.shape)
-    assert kernel.dtype == ref.dtype, (name, kernel.dtype, ref.dtype)
-    assert torch.isfinite(kernel).all(), name
-    k, r = _err(kernel, truth), _err(ref, truth)
-    scale = truth.abs().max().item()
-    slack = (1e-5 if dtype == torch.float32 else 1e-3) * scale + 1e-6
-    assert k <= 1.5 * r + slack, f"{name}: kernel err {k:.3g} vs reference err {r:.3g} (scale {scale:.3g})"
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
