@@ -86,6 +86,10 @@ def reference_loss(logits, labels, num_items_in_batch=None):
     return F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum") / num_items_in_batch
 
 
+# A short trainer run on the CPU that writes, reports and prints nothing, the same every time.
+QUIET_CPU_RUN = dict(report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+
+
 def without_labels(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
@@ -252,13 +256,8 @@ def _trainer_step(model_dir, tmp_path, batch_size, accumulation):
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=0.0,  # no clipping: the step is exactly -lr * gradient
-        report_to=[],
-        save_strategy="no",
         logging_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
+        **QUIET_CPU_RUN,
     )
     trainer = Trainer(
         model=model,
@@ -507,12 +506,7 @@ def test_sft_trainer_trains_a_fasttune_peft_model(llama_dir, tmp_path, kind):
         packing=kind.startswith("packed"),
         bf16=False,
         fp16=False,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
+        **QUIET_CPU_RUN,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
@@ -537,12 +531,7 @@ def test_hf_trainer_with_language_modeling_collator(llama_dir, tmp_path):
         lr_scheduler_type="constant",
         warmup_steps=0,
         logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
+        **QUIET_CPU_RUN,
     )
     trainer = Trainer(
         model=model,
