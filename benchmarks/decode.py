@@ -46,17 +46,11 @@ def parse_cases(text: str) -> list[tuple[int, int]]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stack", choices=stacks.STACKS, required=True)
-    p.add_argument("--model", choices=sorted(common.MODELS), default="llama-1b")
-    p.add_argument("--size", choices=["full", "tiny"], default="full")
-    p.add_argument("--quant", choices=["16bit", "4bit"], default="16bit")
+    p = stacks.benchmark_parser(__doc__, stacks=stacks.DECODE_STACKS, method=False)
     p.add_argument("--cases", type=parse_cases, default=parse_cases("1:256,64:128"), help="BATCH:NEW,...")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-root", default=None)
-    p.add_argument("--results-root", default=None)
     return p.parse_args(argv)
 
 
@@ -134,12 +128,8 @@ def measure_case(model, spec, batch, new, args, device, copy_gbs, weight_bytes) 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    stacks.preimport(args.stack)
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    spec = common.model_spec(args.model, args.size)
+    torch, device, spec = stacks.start(args)
+    cuda = device.type == "cuda"
     record = {"benchmark": BENCHMARK, "status": "error", "stack": args.stack, "model": spec.name,
               "shape_of": spec.hf_id, "quant": args.quant, "prompt": args.prompt, "reps": args.reps,
               "sampling": "greedy, min_new_tokens = max_new_tokens, no EOS", "cases": []}

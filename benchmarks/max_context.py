@@ -16,7 +16,6 @@ The record goes to <results-root>/<gpu-slug>/max_context.json under runs["<model
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import os
@@ -34,23 +33,13 @@ BENCHMARK = "max_context"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stack", choices=stacks.STACKS, required=True)
-    p.add_argument("--model", choices=sorted(common.MODELS), default="llama-1b")
-    p.add_argument("--size", choices=["full", "tiny"], default="full")
-    p.add_argument("--quant", choices=["16bit", "4bit"], default="16bit")
-    p.add_argument("--method", choices=["lora", "full"], default="lora")
+    p = stacks.benchmark_parser(__doc__)
     p.add_argument("--start", type=int, default=8192)
     p.add_argument("--granularity", type=int, default=2048)
     p.add_argument("--max-seq", type=int, default=None)
     p.add_argument("--cap-s", type=float, default=150.0, help="no new probe after this many seconds of probing")
     p.add_argument("--probe-steps", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-root", default=None)
-    p.add_argument("--results-root", default=None)
+    stacks.add_training_args(p, loop=False)
     return p.parse_args(argv)
 
 
@@ -146,12 +135,7 @@ def search(model, args, device, vocab, max_seq) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    stacks.preimport(args.stack)
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    spec = common.model_spec(args.model, args.size)
+    _, device, spec = stacks.start(args)
     max_seq = args.max_seq or spec.config["max_position_embeddings"]
     record = {"benchmark": BENCHMARK, "status": "error", "stack": args.stack, "model": spec.name,
               "shape_of": spec.hf_id, "quant": args.quant, "method": args.method, "batch": 1,

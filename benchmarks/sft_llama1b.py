@@ -59,8 +59,9 @@ sys.path.insert(0, _HERE)
 sys.path.insert(1, os.path.dirname(_HERE))
 
 import common  # noqa: E402
+import stacks  # noqa: E402
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_MODULES = list(common.LORA_TARGETS)
 
 # The numbers of meta-llama/Llama-3.2-1B's config.json.
 LLAMA_3_2_1B = dict(
@@ -91,14 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--loop", choices=["sft", "plain"], default="sft",
                    help="sft: trl.SFTTrainer (default); plain: the peers' hand-written loop")
     p.add_argument("--size", choices=sorted(SIZES), default="1b")
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=50, help="optimizer steps, warm-up included")
-    p.add_argument("--warmup", type=int, default=5, help="first steps left out of tokens/s")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    stacks.add_training_args(p, steps=50)
     p.add_argument("--ckpt-dir", default=None,
                    help="where the random-init checkpoint is written once (default: <tmp>/fasttune-bench/<size>)")
     p.add_argument("--results-root", default=None,

@@ -15,8 +15,10 @@ Nothing here imports transformers at module level: Unsloth must be imported befo
 
 from __future__ import annotations
 
+import argparse
 import os
 
+import common
 from common import Unsupported  # raised by the loaders below, recorded by the scripts
 
 STACKS = ("fasttune", "hf", "liger", "unsloth")
@@ -53,6 +55,43 @@ def preimport(stack: str) -> None:
     set_offline_env()
     if stack == "unsloth":
         import unsloth  # noqa: F401
+
+
+def benchmark_parser(doc: str, *, stacks=STACKS, method: bool = True) -> argparse.ArgumentParser:
+    """The arguments every per-stack benchmark script shares: which stack, model, size and weights."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stack", choices=stacks, required=True)
+    p.add_argument("--model", choices=sorted(common.MODELS), default="llama-1b")
+    p.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: a small copy for smoke tests")
+    p.add_argument("--quant", choices=["16bit", "4bit"], default="16bit")
+    if method:
+        p.add_argument("--method", choices=["lora", "full"], default="lora")
+    p.add_argument("--ckpt-root", default=None, help="where random-init checkpoints live (default <tmp>/fasttune-bench)")
+    p.add_argument("--results-root", default=None, help="default: benchmarks/results")
+    return p
+
+
+def add_training_args(p: argparse.ArgumentParser, *, loop: bool = True, steps: int = 25) -> None:
+    """The training settings every stack gets alike (the peers' loop): LoRA, AdamW, data seed; with
+    `loop`, the sequence shape and step counts too."""
+    if loop:
+        p.add_argument("--seq", type=int, default=2048)
+        p.add_argument("--batch", type=int, default=2)
+        p.add_argument("--steps", type=int, default=steps, help="optimizer steps, warm-up included")
+        p.add_argument("--warmup", type=int, default=5, help="first steps left out of tokens/s")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def start(args):
+    """The stack's own imports first (Unsloth before transformers), then (torch, device, model spec)."""
+    preimport(args.stack)
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch, device, common.model_spec(args.model, args.size)
 
 
 def gc_label(stack: str, gc: bool) -> str:

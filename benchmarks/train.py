@@ -24,7 +24,6 @@ The record goes to <results-root>/<gpu-slug>/train.json under runs["<model>/<qua
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -40,23 +39,9 @@ BENCHMARK = "train"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stack", choices=stacks.STACKS, required=True)
-    p.add_argument("--model", choices=sorted(common.MODELS), default="llama-1b")
-    p.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: a small copy for smoke tests")
-    p.add_argument("--quant", choices=["16bit", "4bit"], default="16bit")
-    p.add_argument("--method", choices=["lora", "full"], default="lora")
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=25, help="optimizer steps, warm-up included")
-    p.add_argument("--warmup", type=int, default=5, help="first steps left out of tokens/s")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p = stacks.benchmark_parser(__doc__)
+    stacks.add_training_args(p)
     p.add_argument("--no-gc", action="store_true", help="turn gradient checkpointing off (default: each stack's own)")
-    p.add_argument("--ckpt-root", default=None, help="where random-init checkpoints live (default <tmp>/fasttune-bench)")
-    p.add_argument("--results-root", default=None, help="default: benchmarks/results")
     args = p.parse_args(argv)
     if args.steps <= args.warmup:
         p.error("--steps counts the warm-up steps too, so it must exceed --warmup")
@@ -128,12 +113,8 @@ def summarize(args, spec, times, losses, norms, update, lora_params, peak_tflops
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    stacks.preimport(args.stack)  # Unsloth before transformers
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    spec = common.model_spec(args.model, args.size)
+    torch, device, spec = stacks.start(args)
+    cuda = device.type == "cuda"
     lora_params = common.lora_param_count(spec, args.rank) if args.method == "lora" else 0
     record = {
         "benchmark": BENCHMARK, "status": "error", "stack": args.stack, "model": spec.name, "shape_of": spec.hf_id,
