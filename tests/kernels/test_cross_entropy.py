@@ -17,6 +17,10 @@ BLOCK = None if DEV == "cuda" else 32  # 123 = 3 full chunks + a partial one in 
 # Triton's interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest even, which can
 # double the rounding error of a gradient the kernel stores; the rule keeps its 1.5 on the GPU.
 INTERP_FACTOR = 1.5 if DEV == "cuda" else 3.0
+# fp32 gradients in the interpreter, relative to their largest: its exp/log are numpy's float32 SIMD
+# routines, which differ between CPUs (one CI machine put a saturated softcap's tanh' 1.5e-4 off where
+# this machine agrees to 1e-7). A logic error (index, mask, chunk) shows as an O(1) difference anyway.
+INTERP_FP32_ATOL = 2e-4
 
 
 def _labels(B, T, V, ignore_rows=(), ignore_frac=0.2, device=DEV):
@@ -60,7 +64,7 @@ def test_fp32_matches_reference(softcap, inplace):
                                                             **kw), logits, upstream=2.5)
     lr, gr = _loss_and_grad(lambda x: causal_lm_loss_reference(x, labels, **kw), logits, upstream=2.5)
     torch.testing.assert_close(lk, lr, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gk, gr, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gk, gr, rtol=1e-4, atol=1e-6 if DEV == "cuda" else INTERP_FP32_ATOL * gr.abs().max().item())
     assert gk[1].abs().max() == 0  # an all-ignored row gets no gradient
 
 
