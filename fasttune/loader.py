@@ -114,13 +114,17 @@ class FastLanguageModel:
         call = dict(locals())  # every argument as given, for loading an adapter's base the same way
         if load_in_4bit and load_in_8bit:
             raise ValueError("load_in_4bit=True and load_in_8bit=True exclude each other; choose one")
+        if full_finetuning and (load_in_8bit or load_in_fp8):
+            raise ValueError(
+                "full_finetuning=True trains the weights themselves, which needs 16- or 32-bit weights; drop "
+                "load_in_8bit / load_in_fp8 (a 4-bit default is overridden by full_finetuning)"
+            )
         if load_in_4bit and not (load_in_16bit or full_finetuning):
             raise _not_yet("load_in_4bit", True, "4-bit QLoRA loading arrives with quantization support; "
                            "pass load_in_4bit=False to load 16-bit weights")
         for argument, value, default, what in (
             ("load_in_8bit", load_in_8bit, False, "8-bit weights arrive with quantization support"),
             ("load_in_fp8", load_in_fp8, False, "FP8 weights arrive with quantization support"),
-            ("full_finetuning", full_finetuning, False, "full fine-tuning arrives with quantization support"),
             ("fast_inference", fast_inference, False, "the batched inference engine is a later feature"),
             ("float8_kv_cache", float8_kv_cache, False, "it belongs to fast_inference"),
             ("offload_embedding", offload_embedding, False, "embedding offload is a later memory feature"),
@@ -135,6 +139,11 @@ class FastLanguageModel:
         if kwargs.pop("load_in_4bit_quant_type", None) is not None:
             raise _not_yet("load_in_4bit_quant_type", "...", "4-bit loading arrives with quantization support")
         torch_dtype = resolve_dtype(dtype if dtype is not None else kwargs.pop("torch_dtype", None))
+        compute_dtype = torch_dtype
+        if full_finetuning and float32_mixed_precision is not False:
+            # fp32 master weights: the optimizer's states are fp32 and small updates are not rounded away;
+            # the trainer's autocast (bf16=True / fp16=True) runs the matmuls in 16 bits.
+            torch_dtype = torch.float32
 
         source = hub.resolve(model_name)
         if source.adapter_dir is not None:
@@ -186,6 +195,13 @@ class FastLanguageModel:
         model._fasttune_tokenizer = tokenizer
         model._fasttune_checkpointing = gc_mode
         model._fasttune_adapter_fp32 = float32_mixed_precision is not False
+        model._fasttune_full_finetuning = bool(full_finetuning)
+        if full_finetuning:
+            model.requires_grad_(True)
+            set_gradient_checkpointing(model, gc_mode)
+            precision = ("fp32 master weights (train with bf16=True / fp16=True for 16-bit matmuls)"
+                         if torch_dtype == torch.float32 and compute_dtype != torch.float32 else f"{torch_dtype} weights")
+            _notice(f"full fine-tuning: every weight trains, {precision}")
         attach_save_methods(model)
         return model, tokenizer
 
@@ -215,6 +231,10 @@ class FastLanguageModel:
         from peft import LoraConfig, PeftModel
         from peft import get_peft_model as peft_get_peft_model
 
+        if getattr(model, "_fasttune_full_finetuning", False):
+            _notice("the model was loaded with full_finetuning=True: every weight already trains, so "
+                    "get_peft_model adds no adapters and returns it unchanged")
+            return model
         if isinstance(model, PeftModel):
             raise ValueError(
                 "this model already has LoRA adapters; call get_peft_model on the base model, or keep training "
