@@ -80,6 +80,22 @@ def resolve(model_name: str) -> Source:
     return Source(name, local=False)
 
 
+def local_dir(source: Source, token=None, revision=None) -> str:
+    """A directory holding the source's files (the hub cache's snapshot for a hub id), for readers that
+    open the safetensors themselves. Same cache and offline rules as transformers' from_pretrained."""
+    if source.local:
+        return source.path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            source.path, revision=revision, token=token,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as err:
+        raise hub_error(source.path, err) from err
+
+
 def hub_error(name: str, err: Exception) -> OSError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
     how = (

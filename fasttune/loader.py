@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import os
 import warnings
+
 import torch
 
 from . import hub
-from .data.fixes import ensure_generation_prompt, fix_untrained_tokens, link_model, sync_generation_eos
+from .data.fixes import (
+    ensure_generation_prompt,
+    fix_untrained_tokens,
+    link_model,
+    sync_generation_eos,
+)
 from .data.tokenizer import fix_tokenizer as _fix_tokenizer
 from .memory.checkpointing import checkpoint_mode, set_gradient_checkpointing
 from .models import fast_state, install_fast_forward
+from .quant.loading import build_quantized_model, prequantized_format
 from .save import attach_save_methods
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,6 +67,22 @@ def _device_map(device_map):
         # fasttune's forward keeps a model on one device; under torch.distributed each rank takes its own GPU.
         return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     return device_map
+
+
+def _load_device(device_map) -> torch.device:
+    """The one device a quantized model is built on."""
+    mapped = _device_map(device_map)
+    if mapped is None:
+        return torch.device("cpu")
+    if isinstance(mapped, dict) and set(mapped) == {""}:
+        target = mapped[""]
+        return torch.device("cuda", target) if isinstance(target, int) else torch.device(target)
+    if isinstance(mapped, (str, torch.device)):
+        return torch.device(mapped)
+    raise NotImplementedError(
+        f"device_map={device_map!r} spreads the model; quantized loading builds it on one device. "
+        "Pass device_map={'': 0} (or the GPU of this rank)."
+    )
 
 
 def _check_one_device(model) -> None:
@@ -119,11 +142,12 @@ class FastLanguageModel:
                 "full_finetuning=True trains the weights themselves, which needs 16- or 32-bit weights; drop "
                 "load_in_8bit / load_in_fp8 (a 4-bit default is overridden by full_finetuning)"
             )
+        quant_format = None
         if load_in_4bit and not (load_in_16bit or full_finetuning):
-            raise _not_yet("load_in_4bit", True, "4-bit QLoRA loading arrives with quantization support; "
-                           "pass load_in_4bit=False to load 16-bit weights")
+            quant_format = "nf4"
+        elif load_in_8bit and not load_in_16bit:
+            quant_format = "int8"
         for argument, value, default, what in (
-            ("load_in_8bit", load_in_8bit, False, "8-bit weights arrive with quantization support"),
             ("load_in_fp8", load_in_fp8, False, "FP8 weights arrive with quantization support"),
             ("fast_inference", fast_inference, False, "the batched inference engine is a later feature"),
             ("float8_kv_cache", float8_kv_cache, False, "it belongs to fast_inference"),
@@ -136,8 +160,9 @@ class FastLanguageModel:
         gc_mode = checkpoint_mode(use_gradient_checkpointing)
         if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
             raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
-        if kwargs.pop("load_in_4bit_quant_type", None) is not None:
-            raise _not_yet("load_in_4bit_quant_type", "...", "4-bit loading arrives with quantization support")
+        quant_type = kwargs.pop("load_in_4bit_quant_type", None)
+        if quant_type not in (None, "nf4"):
+            raise _not_yet("load_in_4bit_quant_type", quant_type, "fasttune's 4-bit format is nf4")
         torch_dtype = resolve_dtype(dtype if dtype is not None else kwargs.pop("torch_dtype", None))
         compute_dtype = torch_dtype
         if full_finetuning and float32_mixed_precision is not False:
@@ -160,13 +185,27 @@ class FastLanguageModel:
             raise hub.hub_error(source.path, err) from err
         if rope_scaling is not None:
             _apply_rope_scaling(config, rope_scaling)
-        if getattr(config, "quantization_config", None) is not None:
-            raise _not_yet("a pre-quantized checkpoint", source.path, "quantized checkpoints arrive with quantization support")
+        stored = prequantized_format(config)
+        if stored is not None and quant_format is None:
+            raise ValueError(
+                f"{model_name} is stored quantized by bitsandbytes ({stored}); load it with "
+                f"{'load_in_4bit=True' if stored == 'nf4' else 'load_in_8bit=True, load_in_4bit=False'}"
+            )
 
         torch.manual_seed(random_state)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, config=config, dtype=torch_dtype, device_map=_device_map(device_map), **common, **kwargs
-        )
+        if quant_format is not None:
+            unknown = sorted(set(kwargs) - {"attn_implementation"})
+            if unknown:
+                raise TypeError(f"from_pretrained with quantized weights does not take {unknown}")
+            if kwargs.get("attn_implementation"):
+                config._attn_implementation = kwargs["attn_implementation"]
+            model = build_quantized_model(
+                config, hub.local_dir(source, token, revision), quant_format, torch_dtype, _load_device(device_map)
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path, config=config, dtype=torch_dtype, device_map=_device_map(device_map), **common, **kwargs
+            )
         hub.clear_quantization_marks(model)  # harmless on plain checkpoints
         _check_one_device(model)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
@@ -345,4 +384,4 @@ def _load_adapter(source: hub.Source, args: dict, gc_mode: bool):
     return peft_model, tokenizer
 
 
-__all__ = ["FastLanguageModel", "DEFAULT_TARGET_MODULES", "fast_state"]
+__all__ = ["DEFAULT_TARGET_MODULES", "FastLanguageModel", "fast_state"]

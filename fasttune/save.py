@@ -35,13 +35,16 @@ from typing import Callable
 
 import safetensors.torch
 import torch
+from torch import nn
 
-SAVE_METHODS = ("merged_16bit", "lora")
+from .quant.linear import QuantLinear
+from .quant.nf4 import nf4_to_bnb_state_dict, quantize_nf4
+
+SAVE_METHODS = ("merged_16bit", "merged_4bit", "merged_4bit_forced", "lora")
 _LATER_SAVE_METHODS = {
-    "merged_4bit": "4-bit export arrives with quantization support",
-    "merged_4bit_forced": "4-bit export arrives with quantization support",
     "gguf": "GGUF export is a later feature",
 }
+_NOT_QUANTIZED = ("lm_head",)  # what merged_4bit keeps in 16 bits, as bitsandbytes' own 4-bit models do
 # Unsloth's save_pretrained_merged arguments that steer its own temp-file strategy or hub uploads;
 # fasttune's writer needs neither.
 _ACCEPTED_UNUSED = ("temporary_location", "maximum_memory_usage", "token")
@@ -160,10 +163,13 @@ def save_pretrained_merged(
     save_dtype = _save_dtype(dtype, tensors)
     untie = _drop_tied_copies(base, tensors, save_dtype)
     _check_checkpoint_names(base, tensors)
+    quantization = None
+    if save_method.startswith("merged_4bit"):
+        tensors, quantization = _quantized_nf4(base, tensors, save_dtype)
     _warn_if_no_tokenizer(tokenizer, save_directory)
     with atomic_directory(save_directory) as tmp:
         _write_weights(tmp, tensors, save_dtype, shard_bytes)
-        _write_config(base, tmp, save_dtype, untie)
+        _write_config(base, tmp, save_dtype, untie, quantization)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return None
@@ -245,14 +251,15 @@ class _Tensor:
     dtype: torch.dtype  # the live model's; floating tensors are cast to the saved dtype when written
     produce: Callable[[], torch.Tensor]
     source: torch.Tensor | None = None  # the live tensor itself, when saved unchanged
+    keep_dtype: bool = False  # a quantization statistic: written in its own dtype (fp32), never cast
 
     def nbytes(self, save_dtype: torch.dtype) -> int:
-        dtype = save_dtype if self.dtype.is_floating_point else self.dtype
+        dtype = save_dtype if self.dtype.is_floating_point and not self.keep_dtype else self.dtype
         return self.shape.numel() * dtype.itemsize
 
     def materialize(self, save_dtype: torch.dtype) -> torch.Tensor:
         tensor = self.produce().detach()
-        dtype = save_dtype if tensor.is_floating_point() else tensor.dtype
+        dtype = save_dtype if tensor.is_floating_point() and not self.keep_dtype else tensor.dtype
         return tensor.to(device="cpu", dtype=dtype).contiguous()
 
 
@@ -293,6 +300,12 @@ def _collect(module, prefix: str, out: dict) -> None:
             f"{prefix.rstrip('.')} is wrapped in {type(module).__name__} (e.g. trainable_token_indices), which "
             "fasttune cannot merge yet; save the adapter with save_method='lora'"
         )
+    if isinstance(module, QuantLinear):  # saved dense: what the layer computes with
+        out[prefix + "weight"] = _Tensor(torch.Size((module.out_features, module.in_features)), module.compute_dtype,
+                                         partial(module.dequantize, module.compute_dtype))
+        if module.bias is not None:
+            out[prefix + "bias"] = _as_is(module.bias)
+        return
     for name, tensor in module.named_parameters(recurse=False):
         out[prefix + name] = _as_is(tensor)
     for name, tensor in module.named_buffers(recurse=False):
@@ -324,7 +337,7 @@ def _collect_lora(layer, prefix: str, out: dict) -> None:
             "16-bit Linear and Embedding layers only. Save the adapter with save_method='lora'"
         )
     base = layer.get_base_layer()
-    if not base.weight.is_floating_point():
+    if not base.weight.is_floating_point() and not isinstance(base, QuantLinear):
         raise NotImplementedError(
             f"{prefix.rstrip('.')} has {base.weight.dtype} base weights; merging into quantized weights arrives "
             "with quantization support. Save the adapter with save_method='lora'"
@@ -364,7 +377,11 @@ def _adapters_in_effect(layer) -> tuple[int, list[str]]:
 
 
 def _merged_weight(layer, kind: str, sign: int, adapters: list[str]) -> torch.Tensor:
-    weight = layer.get_base_layer().weight.detach().to(torch.float32, copy=True)
+    base = layer.get_base_layer()
+    if isinstance(base, QuantLinear):
+        weight = base.dequantize(torch.float32)
+    else:
+        weight = base.weight.detach().to(torch.float32, copy=True)
     for adapter in adapters:
         if kind == "linear":
             a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
@@ -481,13 +498,42 @@ def _write_weights(directory: Path, tensors: dict[str, _Tensor], save_dtype: tor
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_config(base, directory: Path, save_dtype: torch.dtype, untie: bool) -> None:
+def _quantized_nf4(base, tensors: dict[str, _Tensor], save_dtype: torch.dtype):
+    """merged_4bit: the decoder's linear weights (not lm_head, not embeddings) quantized to NF4 with double
+    quantization and written in bitsandbytes' layout; the rest as merged_16bit writes it."""
+    targets = {f"{name.removesuffix('.base_layer')}.weight" for name, module in base.named_modules()
+               if isinstance(module, nn.Linear) and not set(name.split(".")) & set(_NOT_QUANTIZED)}
+    out: dict[str, _Tensor] = {}
+    quantized = 0
+    for key, tensor in tensors.items():
+        if key not in targets:
+            out[key] = tensor
+            continue
+        quantized += 1
+        dense = tensor.produce().detach().to(save_dtype)
+        for name, value in nf4_to_bnb_state_dict(quantize_nf4(dense), key.removesuffix("weight")).items():
+            out[name] = _Tensor(value.shape, value.dtype, partial(lambda v: v, value), keep_dtype=True)
+        del dense
+    if not quantized:
+        raise ValueError("merged_4bit: the model has no linear projection to quantize")
+    quantization = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": str(save_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": list(_NOT_QUANTIZED),
+    }
+    return out, quantization
+
+
+def _write_config(base, directory: Path, save_dtype: torch.dtype, untie: bool, quantization=None) -> None:
     config = copy.deepcopy(base.config)
     if getattr(config, "quantization_config", None) is not None:
         try:
             delattr(config, "quantization_config")
         except AttributeError:
             config.quantization_config = None
+    if quantization is not None:
+        config.quantization_config = quantization
     config.architectures = [type(base).__name__]
     config.dtype = save_dtype
     if untie:

@@ -1,0 +1,446 @@
+"""Fused LoRA projections over frozen base weights (dense or quantized), with hand-written backward.
+
+One projection, W frozen (out, in), adapter A (r, in), B (out, r), scaling s, no dropout, no bias:
+
+    y  = x W^T + s (x A^T) B^T
+
+    dx = dy W + s (dy B) A
+    dB = s dy^T (x A^T)
+    dA = s (dy B)^T x                     W gets no gradient.
+
+Saved for backward: x and the (N, r) term x A^T. W is never saved as an activation: a dense W is a
+frozen parameter that outlives the step, and a quantized W is dequantized again in backward (the
+dense copy lives only inside one matmul). A and B are small and are saved as they are.
+
+`lora_qkv` runs three projections of one input (q, k, v) as one autograd node: x is saved once and
+dx accumulates the three contributions in one buffer.
+
+`lora_mlp` is the whole gated feed-forward block as one node:
+
+    g = proj_gate(x),  u = proj_up(x),  h = act(g) * u,  out = proj_down(h)
+
+Saved: x, g, u and the small x A_gate^T, x A_up^T, h A_down^T. Backward recomputes h from g and u
+(never stored) and runs the activation's backward (fasttune.kernels.activations: the Triton kernel
+on CUDA, the same fp32 math in PyTorch elsewhere):
+
+    du = dh * act(g),   dg = dh * u * act'(g)
+
+Dtypes. The compute dtype is x's dtype, or the autocast dtype when autocast is on for x's device.
+x, W (dequantized to that dtype) and A, B (PEFT keeps adapters in fp32) are cast to it for the
+matmuls, as autocast would cast them for F.linear; the output is in the compute dtype. dx comes back
+in x's own dtype, dA and dB in the adapters' own dtype. The r-sized gradient products dA and dB are
+written in fp32 straight from the matmul's accumulator where the backend can (CUDA), and the scaling
+is applied in fp32 after the product, so it adds no rounding.
+
+The base weight is a Tensor, or any object with `.shape` (out, in) and `.dequantize(dtype=None)`
+returning the dense (out, in) Tensor (see `is_quant_weight`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..kernels import activations as _act
+from ..kernels import dispatch
+
+__all__ = [
+    "MLP_ACTIVATIONS",
+    "LoRAProjection",
+    "dense_weight",
+    "is_quant_weight",
+    "lora_linear",
+    "lora_mlp",
+    "lora_o",
+    "lora_qkv",
+]
+
+
+class LoRAProjection(NamedTuple):
+    """(weight, A, B, scaling) of one projection; A and B are None for a plain frozen linear."""
+
+    weight: Any
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    scaling: float = 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Base weights: a Tensor or the quantized-weight protocol
+# --------------------------------------------------------------------------------------------
+
+
+def is_quant_weight(obj) -> bool:
+    """The quantized-weight protocol: not a Tensor, has `.shape` and a callable `.dequantize`.
+    (torch.Tensor has its own `dequantize`, so Tensors are excluded first.)"""
+    return (
+        not isinstance(obj, torch.Tensor)
+        and callable(getattr(obj, "dequantize", None))
+        and hasattr(obj, "shape")
+    )
+
+
+def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) base weight as a dense Tensor of `dtype` (no copy for a dense weight already in it)."""
+    if isinstance(weight, torch.Tensor):
+        return weight.to(dtype)
+    w = weight.dequantize(dtype=dtype)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def _weight_shape(weight) -> tuple[int, int]:
+    shape = tuple(weight.shape)
+    if len(shape) != 2:
+        raise ValueError(
+            f"fused LoRA: base weight must be 2-D (out, in), got shape {shape}"
+        )
+    return shape
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What F.linear would compute in: the autocast dtype when autocast is on, else x's."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+_mm_out_dtype_works = True
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as fp32. On CUDA cuBLAS writes its fp32 accumulator out directly (mm's
+    out_dtype), so the r-sized adapter gradients skip one rounding for free; elsewhere
+    the product is rounded to the inputs' dtype first."""
+    global _mm_out_dtype_works
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda and _mm_out_dtype_works and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # this torch has no mm(out_dtype=) for it
+            _mm_out_dtype_works = False
+    return torch.mm(a, b).float()
+
+
+def _proj_forward(x2, proj, dtype):
+    """y = x W^T + s (x A^T) B^T for 2-D x in `dtype`. Returns (y, x A^T or None)."""
+    weight, A, B, s = proj
+    y = torch.mm(x2, dense_weight(weight, dtype).t())
+    if A is None:
+        return y, None
+    xa = torch.mm(x2, A.to(dtype).t())
+    # In place: the adapter term is added inside the GEMM (one rounding, no (N, out) temp).
+    y.addmm_(xa, B.to(dtype).t(), alpha=s)
+    return y, xa
+
+
+def _proj_backward(dy, inp, inp_a, proj, dtype, need, dinp=None):
+    """Gradients of one projection proj = (W, A, B, s): dy (N, out) and inp (N, in) in
+    `dtype`, inp_a = inp A^T, need = (dinp, dA, dB) flags. dy W + s (dy B) A is added
+    into `dinp` (or starts it). Returns (dinp, dA, dB)."""
+    weight, A, B, s = proj
+    need_dinp, need_dA, need_dB = need
+    dA = dB = None
+    if need_dinp:
+        w = dense_weight(weight, dtype)  # dequantized again; freed on return
+        dinp = torch.mm(dy, w) if dinp is None else dinp.addmm_(dy, w)
+        del w
+    if A is not None and (need_dinp or need_dA):
+        dyB = torch.mm(dy, B.to(dtype))  # (N, r)
+        if need_dinp:
+            dinp.addmm_(dyB, A.to(dtype), alpha=s)
+        if need_dA:
+            # Scaling after the product, in fp32: no extra rounding of dy or dyB.
+            dA = _mm_f32(dyB.t(), inp).mul_(s).to(A.dtype)
+    if B is not None and need_dB:
+        dB = _mm_f32(dy.t(), inp_a).mul_(s).to(B.dtype)
+    return dinp, dA, dB
+
+
+def _check_projection(name: str, proj, in_features: int):
+    """Validate a (weight, A, B, scaling) tuple. Returns ((W, A, B, s), out_features)."""
+    if not isinstance(proj, (tuple, list)) or len(proj) != 4:
+        raise TypeError(
+            f"fused LoRA: {name} must be a (weight, A, B, scaling) tuple, "
+            f"got {type(proj).__name__}"
+        )
+    weight, A, B, s = proj
+    if not isinstance(weight, torch.Tensor) and not is_quant_weight(weight):
+        raise TypeError(
+            f"fused LoRA: {name} weight must be a Tensor or an object with .shape and "
+            f".dequantize(dtype), got {type(weight).__name__}"
+        )
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
+        raise ValueError(
+            f"fused LoRA: {name} base weight requires grad, but the fused functions "
+            "treat base weights as frozen and give them no gradient; call the module's "
+            "own forward instead (lora_projection() returns None for such a module)"
+        )
+    out_f, in_f = _weight_shape(weight)
+    if in_f != in_features:
+        raise ValueError(
+            f"fused LoRA: {name} weight is ({out_f}, {in_f}) but the input has "
+            f"{in_features} features"
+        )
+    if (A is None) != (B is None):
+        raise ValueError(f"fused LoRA: {name} needs both A and B, or neither")
+    if A is not None:
+        r = A.shape[0]
+        if A.dim() != 2 or tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
+            raise ValueError(
+                f"fused LoRA: {name} adapter shapes A {tuple(A.shape)}, "
+                f"B {tuple(B.shape)} do not fit W ({out_f}, {in_f}); "
+                f"expected A (r, {in_f}) and B ({out_f}, r)"
+            )
+    return (weight, A, B, 1.0 if s is None else float(s)), out_f
+
+
+def _split(flat) -> list[tuple]:
+    return [tuple(flat[i : i + 4]) for i in range(0, len(flat), 4)]
+
+
+def _needs(ctx, first: int, n: int) -> list[tuple[bool, bool]]:
+    """(A needs grad, B needs grad) of the n projections flattened from argument `first`."""
+    g = ctx.needs_input_grad
+    return [(g[first + 4 * i + 1], g[first + 4 * i + 2]) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Projections of one shared input: lora_linear / lora_o (one), lora_qkv (three)
+# --------------------------------------------------------------------------------------------
+
+
+class _SharedInputProjections(torch.autograd.Function):
+    """n projections of one input x; `flat` holds (weight, A, B, scaling) n times."""
+
+    @staticmethod
+    def forward(ctx, x, dtype, *flat):
+        projs = _split(flat)
+        needs = _needs(ctx, 2, len(projs))
+        lead = x.shape[:-1]
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            outs, xas = [], []
+            for proj in projs:
+                y, xa = _proj_forward(x2, proj, dtype)
+                outs.append(y.view(*lead, y.shape[-1]))
+                xas.append(xa)
+        # x feeds only dA, and x A^T only dB: save what the wanted gradients need.
+        ctx.save_for_backward(
+            x2 if any(nA for nA, _ in needs) else None,
+            *[xa if nB else None for xa, (_, nB) in zip(xas, needs)],
+            *[t for p in projs for t in p[1:3]],
+        )
+        # Base weights ride on ctx, not through save_for_backward: they are frozen
+        # parameters (or quantized objects) that outlive the step, and saved-tensor hooks
+        # (offloading, checkpointing) must not copy or park them as activations.
+        ctx.weights = [p[0] for p in projs]
+        ctx.scalings = [p[3] for p in projs]
+        ctx.dtype, ctx.x_shape, ctx.x_dtype = dtype, x.shape, x.dtype
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable  # the backward is hand-written: no double backward
+    def backward(ctx, *dys):
+        n, dtype = len(dys), ctx.dtype
+        x2, *rest = ctx.saved_tensors
+        xas, adapters = rest[:n], rest[n:]
+        need_dx = ctx.needs_input_grad[0]
+        dx, grads = None, []
+        with torch.autocast(dys[0].device.type, enabled=False):
+            for i, (nA, nB) in enumerate(_needs(ctx, 2, n)):
+                A, B = adapters[2 * i], adapters[2 * i + 1]
+                proj = (ctx.weights[i], A, B, ctx.scalings[i])
+                dy = dys[i].reshape(-1, dys[i].shape[-1]).to(dtype)
+                need = (need_dx, nA, nB)
+                dx, dA, dB = _proj_backward(dy, x2, xas[i], proj, dtype, need, dx)
+                grads += [None, dA, dB, None]
+        if dx is not None:
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        return (dx, None, *grads)
+
+
+def _shared_input(x: torch.Tensor, named_projs) -> tuple[torch.Tensor, ...]:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError("fused LoRA: x must be a Tensor with a feature dimension")
+    flat = []
+    for name, proj in named_projs:
+        flat += _check_projection(name, proj, x.shape[-1])[0]
+    return _SharedInputProjections.apply(x, _compute_dtype(x), *flat)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """y = x W^T + scaling (x A^T) B^T over a frozen base weight (Tensor or quantized
+    object). A = B = None: the plain frozen linear x W^T (backward re-dequantizes too)."""
+    return _shared_input(x, [("weight", (weight, A, B, scaling))])[0]
+
+
+def lora_o(x: torch.Tensor, o) -> torch.Tensor:
+    """The attention output projection; `o` is a (weight, A, B, scaling) tuple."""
+    return _shared_input(x, [("o", o)])[0]
+
+
+def lora_qkv(
+    x: torch.Tensor, q, k, v
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q, K, V): three LoRA projections of one x, each a (weight, A, B, scaling) tuple.
+    One autograd node: x is saved once and dx accumulates in one buffer."""
+    return _shared_input(x, [("q", q), ("k", k), ("v", v)])
+
+
+# --------------------------------------------------------------------------------------------
+# The gated MLP
+# --------------------------------------------------------------------------------------------
+
+# The activation names lora_mlp accepts -> the name fasttune.kernels.activations uses.
+MLP_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_pytorch_tanh",
+    "gelu_pytorch_tanh": "gelu_pytorch_tanh",
+    "gelu_new": "gelu_pytorch_tanh",
+    "gelu_fast": "gelu_pytorch_tanh",
+}
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_C = 0.044715
+
+
+def _use_glu_kernel(g2: torch.Tensor) -> bool:
+    return (
+        dispatch.use_triton(g2)
+        and g2.dtype in _act._SUPPORTED_DTYPES
+        and g2.numel() > 0
+    )
+
+
+def _glu_forward(g2: torch.Tensor, u2: torch.Tensor, kind: str) -> torch.Tensor:
+    if _use_glu_kernel(g2):
+        return _act.glu_forward(g2, u2, kind)[0]
+    return _act.glu_activation_reference(g2, u2, kind)
+
+
+def _glu_backward(dh: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, kind: str):
+    """(dgate, dup) of h = act(g) * u: the Triton kernel on CUDA, elsewhere its math in
+    fp32 with one rounding per output (so both paths agree)."""
+    if _use_glu_kernel(g2):
+        return _act.glu_backward(dh, g2, u2, kind)
+    g = g2.float()
+    if kind == "silu":
+        sig = torch.sigmoid(g)
+        a = g * sig
+        da = sig * (1.0 + g * (1.0 - sig))
+    elif kind == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(g * _SQRT_HALF))
+        a = g * cdf
+        da = cdf + g * _INV_SQRT_2PI * torch.exp(-0.5 * g * g)
+    else:
+        k = _SQRT_2_OVER_PI
+        t = torch.tanh(k * (g + _GELU_C * g * g * g))
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 3 * _GELU_C * g * g)
+    dhf = dh.float()
+    return (dhf * u2.float() * da).to(g2.dtype), (dhf * a).to(u2.dtype)
+
+
+class _LoRAMLP(torch.autograd.Function):
+    """flat = gate, up, down as (weight, A, B, scaling) each."""
+
+    @staticmethod
+    def forward(ctx, x, dtype, kind, *flat):
+        gate, up, down = _split(flat)
+        (nA_g, _), (nA_u, _), _ = _needs(ctx, 3, 3)
+        lead = x.shape[:-1]
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            g2, xa_g = _proj_forward(x2, gate, dtype)
+            u2, xa_u = _proj_forward(x2, up, dtype)
+            h = _glu_forward(g2, u2, kind)
+            out, ha_d = _proj_forward(h, down, dtype)
+        del h  # recomputed in backward from g and u
+        ctx.save_for_backward(
+            x2 if (nA_g or nA_u) else None,
+            g2,
+            u2,
+            xa_g,
+            xa_u,
+            ha_d,
+            *[t for p in (gate, up, down) for t in p[1:3]],
+        )
+        # Frozen / quantized base weights ride on ctx (see _SharedInputProjections).
+        ctx.weights = [p[0] for p in (gate, up, down)]
+        ctx.scalings = [p[3] for p in (gate, up, down)]
+        ctx.kind, ctx.dtype, ctx.x_shape, ctx.x_dtype = kind, dtype, x.shape, x.dtype
+        return out.view(*lead, out.shape[-1])
+
+    @staticmethod
+    @once_differentiable  # the backward is hand-written: no double backward
+    def backward(ctx, dout):
+        x2, g2, u2, xa_g, xa_u, ha_d, *adapters = ctx.saved_tensors
+        gate, up, down = [
+            (w, adapters[2 * i], adapters[2 * i + 1], s)
+            for i, (w, s) in enumerate(zip(ctx.weights, ctx.scalings))
+        ]
+        (nA_g, nB_g), (nA_u, nB_u), (nA_d, nB_d) = _needs(ctx, 3, 3)
+        need_dx = ctx.needs_input_grad[0]
+        need_dh = need_dx or nA_g or nB_g or nA_u or nB_u  # all upstream of down
+        dtype, kind = ctx.dtype, ctx.kind
+        dx = dAg = dBg = dAu = dBu = None
+        with torch.autocast(dout.device.type, enabled=False):
+            dy = dout.reshape(-1, dout.shape[-1]).to(dtype)
+            h = _glu_forward(g2, u2, kind) if nA_d else None  # dA_down = s (dy B)^T h
+            dh, dAd, dBd = _proj_backward(
+                dy, h, ha_d, down, dtype, (need_dh, nA_d, nB_d)
+            )
+            del h
+            if need_dh:
+                dg, du = _glu_backward(dh, g2, u2, kind)
+                del dh
+                need = (need_dx, nA_g, nB_g)
+                dx, dAg, dBg = _proj_backward(dg, x2, xa_g, gate, dtype, need)
+                del dg
+                need = (need_dx, nA_u, nB_u)
+                dx, dAu, dBu = _proj_backward(du, x2, xa_u, up, dtype, need, dx)
+        if dx is not None:
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        grads = [None, dAg, dBg, None, None, dAu, dBu, None, None, dAd, dBd, None]
+        return (dx, None, None, *grads)
+
+
+def lora_mlp(x: torch.Tensor, gate, up, down, activation: str) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) with LoRA on each projection, as one autograd node.
+
+    gate, up, down: (weight, A, B, scaling) tuples (A = B = None: no adapter there).
+    activation: "silu" (SwiGLU), "gelu" (exact GeGLU) or "gelu_tanh" (tanh GeGLU); the
+    transformers names "swish", "gelu_pytorch_tanh", "gelu_new", "gelu_fast" work too.
+    """
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(
+            f"lora_mlp: activation {activation!r} is not supported; "
+            f"use one of {sorted(MLP_ACTIVATIONS)}"
+        )
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError("lora_mlp: x must be a Tensor with a feature dimension")
+    gate, inter = _check_projection("gate", gate, x.shape[-1])
+    up, inter_up = _check_projection("up", up, x.shape[-1])
+    if inter_up != inter:
+        raise ValueError(f"lora_mlp: gate has {inter} outputs but up has {inter_up}")
+    down, _ = _check_projection("down", down, inter)
+    kind = MLP_ACTIVATIONS[activation]
+    return _LoRAMLP.apply(x, _compute_dtype(x), kind, *gate, *up, *down)

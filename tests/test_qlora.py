@@ -1,0 +1,131 @@
+"""4- and 8-bit base weights through FastLanguageModel: loading, forward, QLoRA training, saving.
+
+Oracles: the same model in 16/32 bits with its projection weights replaced by the dequantized values
+(so the quantized forward must equal a plain dense forward), 16-bit LoRA training from the same start
+(QLoRA must train about as well), and plain transformers loading what fasttune saved."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from test_training import MAX_LEN, TARGETS, randomize_lora_b, uneven_batch
+
+from fasttune import FastLanguageModel
+from fasttune.quant.linear import QuantLinear
+from fasttune.quant.nf4 import NF4Tensor
+
+PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _dense_twin(quantized, dense):
+    """`dense` with every projection weight set to what `quantized` dequantizes to."""
+    twin = copy.deepcopy(dense)
+    q_modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in twin.named_modules():
+            if name.split(".")[-1] in PROJECTIONS:
+                module.weight.copy_(q_modules[name].dequantize(torch.float32))
+    return twin
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_model_computes_what_its_dequantized_weights_give(tiny_model_dir, bits):
+    model_dir = tiny_model_dir("llama")
+    dense, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=False, max_seq_length=MAX_LEN)
+    kw = {"load_in_4bit": True} if bits == 4 else {"load_in_4bit": False, "load_in_8bit": True}
+    quant, _ = FastLanguageModel.from_pretrained(model_dir, max_seq_length=MAX_LEN, **kw)
+    fmt = "nf4" if bits == 4 else "int8"
+    kinds = {name.split(".")[-1]: type(m) for name, m in quant.named_modules()}
+    for proj in PROJECTIONS:
+        assert kinds[proj] is QuantLinear
+    assert type(quant.lm_head) is torch.nn.Linear and type(quant.model.embed_tokens) is torch.nn.Embedding
+    assert all(m.fmt == fmt for m in quant.modules() if isinstance(m, QuantLinear))
+    # the quantization is close to the weights it came from (the format tests check it bit by bit)
+    w = dense.model.layers[0].mlp.down_proj.weight
+    err = (quant.model.layers[0].mlp.down_proj.dequantize(torch.float32) - w).abs().max().item()
+    assert 0 < err < (0.2 if bits == 4 else 0.02) * w.abs().max().item()
+
+    batch = uneven_batch(1000, rows=3, length=14)
+    twin = _dense_twin(quant, dense)
+    with torch.no_grad():
+        got, want = quant(**batch), twin(**batch)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=0)
+
+    # LoRA gradients over the quantized base equal those over the dense twin
+    grads = []
+    for model in (quant, twin):
+        peft = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=TARGETS, random_state=5)
+        randomize_lora_b(peft)
+        peft(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in peft.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[1]:
+        scale = grads[1][name].abs().max().item()
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_qlora_trains_like_16bit_lora_on_real_weights(smollm2_dir):
+    texts = ["Q: What is the capital of France? A: Paris.", "Q: What is two plus two? A: Four.",
+             "Q: Which planet is the largest? A: Jupiter.", "Q: What colour is the sky? A: Blue."]
+    losses = {}
+    for bits in (16, 4):
+        model, tok = FastLanguageModel.from_pretrained(smollm2_dir, load_in_4bit=bits == 4, max_seq_length=MAX_LEN)
+        peft = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3407)
+        enc = tok(texts, padding=True, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=2e-3)
+        run = []
+        for _ in range(12):
+            loss = peft(**enc, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            run.append(loss.item())
+        losses[bits] = run
+    assert all(math.isfinite(x) for run in losses.values() for x in run)
+    for bits, run in losses.items():
+        assert run[-1] < 0.5 * run[0], (bits, run)
+    # 4-bit starts a little worse (quantization error) and must end within a small gap of 16-bit
+    assert abs(losses[4][-1] - losses[16][-1]) < 0.15 * losses[16][0], losses
+
+
+def test_merged_saves_of_a_qlora_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=True, max_seq_length=MAX_LEN)
+    peft = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=TARGETS, random_state=1)
+    randomize_lora_b(peft)
+    peft.eval()
+    batch = uneven_batch(1000, rows=3, length=14)
+    with torch.no_grad():
+        want = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    # merged_16bit: plain transformers loads it and computes what the adapter model computes
+    peft.save_pretrained_merged(str(tmp_path / "m16"), tok, save_method="merged_16bit")
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m16"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()  # padded positions' logits are arbitrary
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+    # merged_4bit: bitsandbytes' layout and config; fasttune reads it back as the NF4 of the merged weights
+    peft.save_pretrained_merged(str(tmp_path / "m4"), tok, save_method="merged_4bit")
+    saved = json.loads((tmp_path / "m4" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "bitsandbytes" and saved["load_in_4bit"] and saved["bnb_4bit_quant_type"] == "nf4"
+    again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m4"), load_in_4bit=True, max_seq_length=MAX_LEN)
+    with pytest.raises(ValueError, match="stored quantized by bitsandbytes"):
+        FastLanguageModel.from_pretrained(str(tmp_path / "m4"), load_in_4bit=False)
+    merged16 = dict(plain.named_modules())
+    for name, module in again.named_modules():
+        if isinstance(module, QuantLinear):
+            q = module.quant_weight
+            assert isinstance(q, NF4Tensor) and q.double_quant
+            dense = merged16[name].weight.detach()
+            err = (q.dequantize(torch.float32) - dense).abs().max().item()
+            assert err < 0.2 * dense.abs().max().item(), name
+    with torch.no_grad():
+        got4 = again(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.nn.functional.cosine_similarity(got4[real].flatten(), want[real].flatten(), dim=0) > 0.95
