@@ -22,7 +22,13 @@ from .data.fixes import (
 from .data.tokenizer import fix_tokenizer as _fix_tokenizer
 from .memory.checkpointing import checkpoint_mode, set_gradient_checkpointing
 from .models import fast_state, install_fast_forward
-from .quant.loading import build_quantized_model, prequantized_format
+from .quant.fp8 import has_fp8_matmul
+from .quant.loading import (
+    LOAD_ARGUMENT,
+    build_quantized_model,
+    fp8_checkpoint_granularity,
+    prequantized_format,
+)
 from .save import attach_save_methods
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -130,11 +136,21 @@ class FastLanguageModel:
     ):
         """Load a causal LM and its tokenizer with fasttune's forward installed.
 
+        `load_in_fp8=True` stores the decoder's projections as e4m3 with one scale per row, and on a GPU with
+        fp8 tensor cores (compute capability >= 8.9) multiplies them through a scaled fp8 matmul with the
+        activations quantized per row; `load_in_fp8="block"` uses 128 x 128 block scales (the layout of FP8
+        checkpoints) and multiplies through the dequantized weight. Either overrides the 4-bit default. An FP8
+        checkpoint (transformers' "fp8" format) loads with either and keeps the scales it was saved with.
+
         `use_exact_model_name` is accepted for compatibility: fasttune never rewrites model names.
         `gpu_memory_utilization`, `max_lora_rank` and `disable_log_stats` configure `fast_inference`
         and have no effect without it.
         """
         call = dict(locals())  # every argument as given, for loading an adapter's base the same way
+        fp8_granularity = _fp8_granularity(load_in_fp8)
+        if fp8_granularity is not None and (load_in_8bit or load_in_16bit):
+            other = "load_in_8bit" if load_in_8bit else "load_in_16bit"
+            raise ValueError(f"load_in_fp8={load_in_fp8!r} and {other}=True exclude each other; choose one")
         if load_in_4bit and load_in_8bit:
             raise ValueError("load_in_4bit=True and load_in_8bit=True exclude each other; choose one")
         if full_finetuning and (load_in_8bit or load_in_fp8):
@@ -143,12 +159,13 @@ class FastLanguageModel:
                 "load_in_8bit / load_in_fp8 (a 4-bit default is overridden by full_finetuning)"
             )
         quant_format = None
-        if load_in_4bit and not (load_in_16bit or full_finetuning):
+        if fp8_granularity is not None:
+            quant_format = "fp8"  # overrides the 4-bit default, as load_in_16bit does
+        elif load_in_4bit and not (load_in_16bit or full_finetuning):
             quant_format = "nf4"
         elif load_in_8bit and not load_in_16bit:
             quant_format = "int8"
         for argument, value, default, what in (
-            ("load_in_fp8", load_in_fp8, False, "FP8 weights arrive with quantization support"),
             ("fast_inference", fast_inference, False, "the batched inference engine is a later feature"),
             ("float8_kv_cache", float8_kv_cache, False, "it belongs to fast_inference"),
             ("offload_embedding", offload_embedding, False, "embedding offload is a later memory feature"),
@@ -187,10 +204,14 @@ class FastLanguageModel:
             _apply_rope_scaling(config, rope_scaling)
         stored = prequantized_format(config)
         if stored is not None and quant_format is None:
-            raise ValueError(
-                f"{model_name} is stored quantized by bitsandbytes ({stored}); load it with "
-                f"{'load_in_4bit=True' if stored == 'nf4' else 'load_in_8bit=True, load_in_4bit=False'}"
-            )
+            by = "in fp8" if stored == "fp8" else f"by bitsandbytes ({stored})"
+            raise ValueError(f"{model_name} is stored quantized {by}; load it with {LOAD_ARGUMENT[stored]}")
+        if stored == "fp8" and quant_format == "fp8":
+            stored_granularity = fp8_checkpoint_granularity(config)
+            if stored_granularity != fp8_granularity:
+                _notice(f"{model_name} is stored in fp8 with {_FP8_SCALES[stored_granularity]}; loading them as "
+                        f"they are (load_in_fp8={load_in_fp8!r} asked for {_FP8_SCALES[fp8_granularity]})")
+            fp8_granularity = stored_granularity
 
         torch.manual_seed(random_state)
         if quant_format is not None:
@@ -199,8 +220,13 @@ class FastLanguageModel:
                 raise TypeError(f"from_pretrained with quantized weights does not take {unknown}")
             if kwargs.get("attn_implementation"):
                 config._attn_implementation = kwargs["attn_implementation"]
+            device = _load_device(device_map)
+            if quant_format == "fp8" and device.type == "cuda" and not has_fp8_matmul(device):
+                _notice("the fp8 scaled matmul needs a GPU of compute capability 8.9 or newer (Ada, Hopper); on "
+                        f"{torch.cuda.get_device_name(device)} FP8 weights are dequantized for every matmul")
             model = build_quantized_model(
-                config, hub.local_dir(source, token, revision), quant_format, torch_dtype, _load_device(device_map)
+                config, hub.local_dir(source, token, revision), quant_format, torch_dtype, device,
+                granularity=fp8_granularity if quant_format == "fp8" else None,
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(
@@ -342,6 +368,23 @@ class FastLanguageModel:
         if tokenizer is not None:
             tokenizer.padding_side = "right"
         return model
+
+
+_FP8_SCALES = {"row": "one scale per row", "block": "128 x 128 block scales"}
+
+
+def _fp8_granularity(load_in_fp8) -> str | None:
+    """load_in_fp8 -> None (off), 'row' (True) or 'block' ("block")."""
+    if load_in_fp8 is False or load_in_fp8 is None:
+        return None
+    if load_in_fp8 is True:
+        return "row"
+    if load_in_fp8 == "block":
+        return "block"
+    raise ValueError(
+        f"load_in_fp8={load_in_fp8!r} is not supported; pass True (e4m3 weights with one scale per row, the fast "
+        "path on Ada / Hopper GPUs), 'block' (128 x 128 block scales) or False"
+    )
 
 
 def _tokenizer_of(model):

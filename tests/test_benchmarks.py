@@ -24,12 +24,14 @@ TINY_ARGS = ["--model", "llama-1b", "--size", "tiny", "--seq", "32", "--batch", 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Train the tiny model for 2 steps with fasttune and hf (one shared checkpoint), then a refused 4-bit run."""
+    """Train the tiny model for 2 steps with fasttune and hf (one shared checkpoint), fasttune in 4 bits, then a
+    configuration no stack offers (full fine-tuning of 4-bit weights), which is recorded as unsupported."""
     ckpt_root = tmp_path_factory.mktemp("ckpt")
     root = tmp_path_factory.mktemp("results")
     common_args = TINY_ARGS + ["--ckpt-root", str(ckpt_root), "--results-root", str(root)]
     codes = {stack: train.main(["--stack", stack, *common_args]) for stack in ("fasttune", "hf")}
     codes["fasttune-4bit"] = train.main(["--stack", "fasttune", "--quant", "4bit", *common_args])
+    codes["fasttune-4bit-full"] = train.main(["--stack", "fasttune", "--quant", "4bit", "--method", "full", *common_args])
     files = list(root.glob("*/train.json"))
     assert len(files) == 1, files
     return {"codes": codes, "root": root, "gpu_dir": files[0].parent,
@@ -37,7 +39,9 @@ def results(tmp_path_factory):
 
 
 def test_train_records_throughput_and_checks(results):
-    assert results["codes"] == {"fasttune": 0, "hf": 0, "fasttune-4bit": 0}
+    assert results["codes"] == {"fasttune": 0, "hf": 0, "fasttune-4bit": 0, "fasttune-4bit-full": 0}
+    qlora = results["runs"]["llama-1b-tiny/4bit/lora/s32b2/fasttune"]
+    assert qlora["status"] == "ok" and qlora["problems"] == [] and common.loss_moved(qlora["losses"]), qlora
     spec = common.model_spec("llama-1b", "tiny")
     for stack in ("fasttune", "hf"):
         r = results["runs"][f"llama-1b-tiny/16bit/lora/s32b2/{stack}"]
@@ -59,8 +63,8 @@ def test_train_records_throughput_and_checks(results):
 
 
 def test_unsupported_configuration_is_recorded(results):
-    r = results["runs"]["llama-1b-tiny/4bit/lora/s32b2/fasttune"]
-    assert r["status"] == "unsupported" and "load_in_4bit" in r["reason"]
+    r = results["runs"]["llama-1b-tiny/4bit/full/s32b2/fasttune"]
+    assert r["status"] == "unsupported" and "full fine-tuning of 4-bit weights" in r["reason"]
     assert report.status_text(r) == "not yet supported"
 
 

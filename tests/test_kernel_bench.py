@@ -4,6 +4,7 @@ wrong or raising kernel recorded as such instead of timed, the report's table an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,8 +14,14 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-import kernels  # noqa: E402  (benchmarks/kernels.py)
 import report  # noqa: E402
+
+# benchmarks/kernels.py by its path: the bare name `kernels` can already be taken in this process (a library
+# probing for the `kernels` package may have imported tests/kernels/ as a namespace package)
+_spec = importlib.util.spec_from_file_location("bench_kernels", BENCH / "kernels.py")
+kernels = importlib.util.module_from_spec(_spec)
+sys.modules["bench_kernels"] = kernels
+_spec.loader.exec_module(kernels)
 
 from fasttune import bench  # noqa: E402
 

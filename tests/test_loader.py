@@ -65,7 +65,6 @@ def test_load_in_16bit_overrides_the_4bit_default(tiny_model_dir):
 @pytest.mark.parametrize(
     "argument, value",
     [
-        ("load_in_4bit", True), ("load_in_8bit", True), ("load_in_fp8", True), ("load_in_fp8", "block"),
         ("fast_inference", True), ("float8_kv_cache", True),
         ("offload_embedding", True), ("unsloth_tiled_mlp", True), ("qat_scheme", "int4"),
     ],

@@ -78,7 +78,7 @@ def test_qlora_trains_like_16bit_lora_on_real_weights(smollm2_dir):
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=2e-3)
         run = []
-        for _ in range(12):
+        for _ in range(8):
             loss = peft(**enc, labels=labels).loss
             loss.backward()
             opt.step()

@@ -33,7 +33,9 @@ written in fp32 straight from the matmul's accumulator where the backend can (CU
 is applied in fp32 after the product, so it adds no rounding.
 
 The base weight is a Tensor, or any object with `.shape` (out, in) and `.dequantize(dtype=None)`
-returning the dense (out, in) Tensor (see `is_quant_weight`).
+returning the dense (out, in) Tensor (see `is_quant_weight`). An object that also has
+`.linear(x2, dtype)` computes the forward's base term x W^T itself (FP8 weights: a scaled fp8 matmul);
+the backward's dx still goes through `.dequantize`.
 """
 
 from __future__ import annotations
@@ -133,7 +135,10 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _proj_forward(x2, proj, dtype):
     """y = x W^T + s (x A^T) B^T for 2-D x in `dtype`. Returns (y, x A^T or None)."""
     weight, A, B, s = proj
-    y = torch.mm(x2, dense_weight(weight, dtype).t())
+    if not isinstance(weight, torch.Tensor) and callable(getattr(weight, "linear", None)):
+        y = weight.linear(x2, dtype)  # the format's own matmul (e.g. FP8's scaled matmul), forward only
+    else:
+        y = torch.mm(x2, dense_weight(weight, dtype).t())
     if A is None:
         return y, None
     xa = torch.mm(x2, A.to(dtype).t())

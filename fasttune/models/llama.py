@@ -3,8 +3,8 @@
     ForCausalLM.forward -> Model.forward -> decoder layer -> attention / MLP / RMSNorm
 
 Every function here reads weights and config only; the transformers classes supply the module tree,
-parameter names, loading and saving. Modules that PEFT wraps (q_proj, ..., down_proj) are called as
-modules, so LoRA adapters apply without fasttune knowing about them yet.
+parameter names, loading and saving. Projections that PEFT wraps (q_proj, ..., down_proj) run through
+fasttune's fused LoRA functions (fasttune/lora) when they are eligible, else as modules.
 
 Attention is PyTorch's scaled_dot_product_attention. Masks are built here from four ingredients:
 causality over cache slots, padding (a 2-D attention mask), sliding windows (`q - k < window`,
@@ -27,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..kernels import apply_rope, attention, causal_lm_loss, glu_activation, rms_norm, rope_cos_sin
 from ..kernels.fused_linear_ce import fused_lm_head_loss
 from ..kernels.activations import SUPPORTED_ACTIVATIONS
+from ..lora import lora_mlp, lora_o, lora_projections, lora_qkv, why_not_fused
 from .rope import rope_inv_freq
 
 
@@ -237,12 +238,39 @@ def _prepare_context(state, inputs_embeds, attention_mask, position_ids, cache) 
 # --------------------------------------------------------------------------------------------
 
 
+# LoRA projections run through fasttune's fused functions where they are eligible (one adapter, no
+# dropout, no bias, no DoRA; fasttune.lora.why_not_fused says why not otherwise) and through their own
+# modules elsewhere. FASTTUNE_FUSED_LORA=0 keeps every projection on its module's forward.
+_FUSED_LORA = os.environ.get("FASTTUNE_FUSED_LORA", "1") not in ("", "0", "false", "False")
+_unfused_noted: set = set()
+
+
+def _fusable(*modules):
+    """The modules' (weight, A, B, scaling) projections when all can be fused, else None (and, for an
+    adapter layer that cannot be, a one-time notice of why)."""
+    if not _FUSED_LORA:
+        return None
+    projs = lora_projections(*modules)
+    if projs is None:
+        for m in modules:
+            reason = why_not_fused(m)
+            if reason and hasattr(m, "lora_A") and reason not in _unfused_noted:
+                _unfused_noted.add(reason)
+                print(f"fasttune: LoRA layers run through PEFT's own forward here ({reason})", flush=True)
+    return projs
+
+
 def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, layer_idx: int):
     b, s, _ = x.shape
     hd = state.head_dim
-    q = attn.q_proj(x).view(b, s, -1, hd)
-    k = attn.k_proj(x).view(b, s, -1, hd)
-    v = attn.v_proj(x).view(b, s, -1, hd).transpose(1, 2)
+    qkv = _fusable(attn.q_proj, attn.k_proj, attn.v_proj)
+    if qkv is not None:
+        q, k, v = lora_qkv(x, *qkv)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q = q.view(b, s, -1, hd)
+    k = k.view(b, s, -1, hd)
+    v = v.view(b, s, -1, hd).transpose(1, 2)
     if state.spec.qk_norm:
         q = rms_norm(q, attn.q_norm.weight, state.eps, state.spec.norm_offset)
         k = rms_norm(k, attn.k_norm.weight, state.eps, state.spec.norm_offset)
@@ -255,10 +283,15 @@ def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, lay
         q, k, v, mask=mask, is_causal=is_causal, scale=state.scaling, softcap=state.attn_softcap,
         dropout=attn.attention_dropout if attn.training else 0.0,
     )
-    return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+    out = out.transpose(1, 2).reshape(b, s, -1)
+    o = _fusable(attn.o_proj)
+    return lora_o(out, o[0]) if o is not None else attn.o_proj(out)
 
 
 def mlp_forward(mlp, x, state: FastState):
+    projs = _fusable(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if projs is not None:
+        return lora_mlp(x, *projs, state.activation)
     return mlp.down_proj(glu_activation(mlp.gate_proj(x), mlp.up_proj(x), state.activation))
 
 

@@ -16,8 +16,12 @@ Serialization: `bnb.nn.Linear8bitLt` (has_fp16_weights=False) saves for its weig
     {prefix}weight_format   uint8 scalar 0   "row"; older checkpoints may lack it, other layouts
                                              (col32, col_turing, col_ampere) are not supported
 
-bitsandbytes itself casts a weight to fp16 before it quantizes; quantize_int8 works from the weight's
-own values in fp32, which gives the same codes for fp16 weights and for bf16 weights inside fp16's range.
+Checked against bitsandbytes 0.50.2 on a CPU (`int8_vectorwise_quant`, `Linear8bitLt.state_dict()`,
+`int8_vectorwise_dequant`): the same bytes. `Linear8bitLt` casts a weight to fp16 before it quantizes;
+quantize_int8 works from the weight's own values in fp32, which gives the same codes for fp16 weights
+and for bf16 rows inside fp16's normal range. bitsandbytes' CUDA kernel computes 127 / absmax with a
+fast approximate division (by reading its source; not run here), so a value within a few ulps of a
+half-way point may get the neighbouring code there.
 """
 
 from __future__ import annotations
@@ -41,8 +45,12 @@ class Int8Tensor:
 
     def __post_init__(self):
         if self.data.dtype != torch.int8 or self.data.dim() != 2:
-            raise ValueError(f"Int8Tensor: data must be a 2-D int8 tensor, got {self.data.dtype} {tuple(self.data.shape)}")
-        if self.absmax.dtype != torch.float32 or self.absmax.shape != (self.data.shape[0],):
+            raise ValueError(
+                f"Int8Tensor: data must be a 2-D int8 tensor, got {self.data.dtype} {tuple(self.data.shape)}"
+            )
+        if self.absmax.dtype != torch.float32 or self.absmax.shape != (
+            self.data.shape[0],
+        ):
             raise ValueError(
                 f"Int8Tensor: absmax must be fp32 with one value per row ({self.data.shape[0]}), "
                 f"got {self.absmax.dtype} {tuple(self.absmax.shape)}"
@@ -78,9 +86,13 @@ def quantize_int8(w: torch.Tensor) -> Int8Tensor:
     """Per-row symmetric int8 quantization of a 2-D weight (fp32 / fp16 / bf16, CPU or CUDA), in row
     chunks so that the fp32 temporaries stay small."""
     if w.dim() != 2:
-        raise ValueError(f"quantize_int8: expected a 2-D (out, in) weight, got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"quantize_int8: expected a 2-D (out, in) weight, got shape {tuple(w.shape)}"
+        )
     if w.dtype not in _DTYPES:
-        raise ValueError(f"quantize_int8: weights of dtype {w.dtype} are not supported; use one of {_DTYPES}")
+        raise ValueError(
+            f"quantize_int8: weights of dtype {w.dtype} are not supported; use one of {_DTYPES}"
+        )
     w = w.detach()
     rows, cols = w.shape
     data = torch.empty((rows, cols), dtype=torch.int8, device=w.device)
@@ -88,13 +100,19 @@ def quantize_int8(w: torch.Tensor) -> Int8Tensor:
     step = max(1, _CHUNK // max(cols, 1))
     for r0 in range(0, rows, step):
         block = w[r0 : r0 + step].to(torch.float32, copy=True)  # scaled in place below
-        am = block.abs().amax(dim=1) if cols else torch.zeros(block.shape[0], device=w.device)
+        am = (
+            block.abs().amax(dim=1)
+            if cols
+            else torch.zeros(block.shape[0], device=w.device)
+        )
         if not torch.isfinite(am).all():
             raise ValueError("quantize_int8: the weight holds inf or nan values")
         # 127 / absmax times the value (not value * 127 / absmax): bitsandbytes rounds this way. A zero row
         # gets a zero factor instead of inf.
         factor = torch.where(am > 0, 127.0 / am, torch.zeros_like(am))
-        data[r0 : r0 + step] = block.mul_(factor[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        data[r0 : r0 + step] = (
+            block.mul_(factor[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        )
         absmax[r0 : r0 + step] = am
     return Int8Tensor(data, absmax, w.dtype)
 
@@ -104,7 +122,9 @@ def dequantize_int8(q: Int8Tensor, dtype: torch.dtype | None = None) -> torch.Te
     bitsandbytes' `int8_vectorwise_dequant`, rounded once."""
     dtype = dtype or q.dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dequantize_int8: output dtype {dtype} is not one of {_DTYPES}")
+        raise ValueError(
+            f"dequantize_int8: output dtype {dtype} is not one of {_DTYPES}"
+        )
     return (q.data * q.absmax[:, None] * (1.0 / 127.0)).to(dtype)
 
 
@@ -133,17 +153,25 @@ def int8_from_bnb_state_dict(
     wkey, skey, fkey = f"{prefix}weight", f"{prefix}SCB", f"{prefix}weight_format"
     missing = [k for k in (wkey, skey) if k not in sd]
     if missing:
-        raise ValueError(f"int8_from_bnb_state_dict: missing keys {missing} (is this a bitsandbytes 8-bit checkpoint?)")
+        raise ValueError(
+            f"int8_from_bnb_state_dict: missing keys {missing} (is this a bitsandbytes 8-bit checkpoint?)"
+        )
     fmt = sd.get(fkey, 0)
     fmt = fmt.item() if isinstance(fmt, torch.Tensor) else fmt
     name = _WEIGHT_FORMATS.get(fmt, fmt) if isinstance(fmt, int) else fmt
     if name != "row":
         if name in _WEIGHT_FORMATS.values():
-            raise NotImplementedError(f"int8_from_bnb_state_dict: '{fkey}' is {name!r}; only the 'row' layout is supported")
-        raise ValueError(f"int8_from_bnb_state_dict: '{fkey}' holds unknown weight format {fmt!r}")
+            raise NotImplementedError(
+                f"int8_from_bnb_state_dict: '{fkey}' is {name!r}; only the 'row' layout is supported"
+            )
+        raise ValueError(
+            f"int8_from_bnb_state_dict: '{fkey}' holds unknown weight format {fmt!r}"
+        )
     data, absmax = sd[wkey], sd[skey]
     if data.dtype != torch.int8:
-        raise ValueError(f"int8_from_bnb_state_dict: '{wkey}' must be int8, got {data.dtype}")
+        raise ValueError(
+            f"int8_from_bnb_state_dict: '{wkey}' must be int8, got {data.dtype}"
+        )
     absmax = absmax.float()
     if device is not None:
         data, absmax = data.to(device), absmax.to(device)

@@ -7,7 +7,9 @@ Peak memory is the quantized model plus one full-precision tensor, on the host a
 
 A checkpoint that is already quantized in bitsandbytes' format (a `*-bnb-4bit` repository, or what
 `save_pretrained_merged(..., "merged_4bit")` writes) is read as it is: the packed weights and their
-quantization state become the same `QuantLinear` without a round trip through 16 bits.
+quantization state become the same `QuantLinear` without a round trip through 16 bits. So is an FP8
+checkpoint in transformers' "fp8" layout (e.g. a `Qwen3-*-FP8` repository): e4m3 weights with 128 x 128
+block scales (`weight_scale_inv`), or one scale per tensor.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .fp8 import BLOCK
 from .linear import QuantLinear, quant_keys_of, quant_weight_from_checkpoint
 
 # Projections that stay in 16 bits: the output head (its logits feed the loss directly, and it is
@@ -41,17 +44,36 @@ def checkpoint_files(model_dir: str) -> list[str]:
     )
 
 
-def prequantized_format(config) -> str | None:
-    """'nf4' / 'int8' for a bitsandbytes-serialized checkpoint, None for a plain one; other methods refused."""
+# How to load a checkpoint stored in each format, for error messages.
+LOAD_ARGUMENT = {
+    "nf4": "load_in_4bit=True",
+    "int8": "load_in_8bit=True, load_in_4bit=False",
+    "fp8": "load_in_fp8=True (or load_in_fp8='block')",
+}
+
+
+def _quantization_config(config) -> dict | None:
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    return qc if isinstance(qc, dict) else qc.to_dict()
+
+
+def prequantized_format(config) -> str | None:
+    """'nf4' / 'int8' for a bitsandbytes-serialized checkpoint, 'fp8' for one in transformers' fp8 layout, None
+    for a plain one; other methods refused."""
+    qc = _quantization_config(config)
+    if qc is None:
+        return None
     method = qc.get("quant_method")
+    if method == "fp8":
+        fp8_checkpoint_granularity(config)  # refuses the fp8 variants fasttune cannot read
+        return "fp8"
     if method != "bitsandbytes":
         raise NotImplementedError(
             f"checkpoints quantized with {method!r} are not supported; fasttune reads bitsandbytes' nf4 and int8 "
-            "formats, or quantizes a 16-bit checkpoint itself (load_in_4bit=True)"
+            "formats and transformers' fp8 format, or quantizes a 16-bit checkpoint itself (load_in_4bit=True, "
+            "load_in_8bit=True or load_in_fp8=True)"
         )
     if qc.get("load_in_4bit"):
         kind = qc.get("bnb_4bit_quant_type", "fp4")
@@ -63,12 +85,34 @@ def prequantized_format(config) -> str | None:
     raise ValueError(f"a bitsandbytes quantization_config that is neither 4- nor 8-bit: {qc}")
 
 
+def fp8_checkpoint_granularity(config) -> str:
+    """The scales of an fp8 checkpoint as FP8Tensor reads them: 'block' for 128 x 128 blocks, 'row' for one
+    scale per tensor (which reads as equal row scales). Other block shapes, e5m2 weights and packed FP4
+    experts are refused."""
+    qc = _quantization_config(config) or {}
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise NotImplementedError(f"fp8 checkpoints with {fmt!r} weights are not supported; fasttune reads e4m3")
+    if qc.get("expert_dtype", "fp8") != "fp8":
+        raise NotImplementedError(f"fp8 checkpoints with {qc['expert_dtype']!r} experts are not supported")
+    block = qc.get("weight_block_size")
+    if block is None:
+        return "row"
+    if list(block) != [BLOCK, BLOCK]:
+        raise NotImplementedError(
+            f"fp8 checkpoints with weight_block_size {list(block)} are not supported; fasttune reads "
+            f"[{BLOCK}, {BLOCK}] blocks and per-tensor scales"
+        )
+    return "block"
+
+
 def skipped_modules(config) -> tuple[str, ...]:
-    qc = getattr(config, "quantization_config", None)
+    qc = _quantization_config(config)
     extra = ()
     if qc is not None:
-        qc = qc if isinstance(qc, dict) else qc.to_dict()
         extra = tuple(qc.get("llm_int8_skip_modules") or ())
+        if qc.get("quant_method") == "fp8":  # the modules an fp8 checkpoint keeps in 16 bits
+            extra += tuple(qc.get("modules_to_not_convert") or ())
     return _ALWAYS_SKIPPED + extra
 
 
@@ -79,18 +123,19 @@ def _quantizable(name: str, module: nn.Module, skip: tuple[str, ...]) -> bool:
     return not any(s in parts or name.endswith(s) for s in skip)
 
 
-def build_quantized_model(config, model_dir: str, fmt: str, dtype: torch.dtype, device: torch.device):
-    """The causal LM of `config` with its projections quantized to `fmt` ('nf4' or 'int8'), weights
-    from `model_dir`, every tensor on `device`, unquantized floating-point tensors in `dtype`."""
+def build_quantized_model(config, model_dir: str, fmt: str, dtype: torch.dtype, device: torch.device,
+                          granularity: str | None = None):
+    """The causal LM of `config` with its projections quantized to `fmt` ('nf4', 'int8' or 'fp8'), weights
+    from `model_dir`, every tensor on `device`, unquantized floating-point tensors in `dtype`.
+    `granularity` ('row' or 'block', for fp8 only; default 'row') is how 16-bit weights are quantized; FP8
+    weights stored in the checkpoint keep their own scales."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     stored = prequantized_format(config)
     if stored is not None and stored != fmt:
-        raise ValueError(
-            f"this checkpoint is stored in bitsandbytes {stored}; load it with "
-            f"{'load_in_4bit=True' if stored == 'nf4' else 'load_in_8bit=True'}"
-        )
+        where = "fp8" if stored == "fp8" else f"bitsandbytes {stored}"
+        raise ValueError(f"this checkpoint is stored in {where}; load it with {LOAD_ARGUMENT[stored]}")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skip = skipped_modules(config)
@@ -101,7 +146,8 @@ def build_quantized_model(config, model_dir: str, fmt: str, dtype: torch.dtype, 
         parent, _, child = name.rpartition(".")
         old = model.get_submodule(name)
         setattr(model.get_submodule(parent) if parent else model, child,
-                QuantLinear(old.in_features, old.out_features, bias=old.bias is not None, fmt=fmt))
+                QuantLinear(old.in_features, old.out_features, bias=old.bias is not None, fmt=fmt,
+                            granularity=granularity if fmt == "fp8" else None))
     _fill_from_checkpoint(model, model_dir, fmt, dtype, device, set(targets))
     model.tie_weights()
     for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) were built on the host
@@ -146,7 +192,9 @@ def _fill_from_checkpoint(model, model_dir, fmt, dtype, device, targets: set[str
                 if weight is None:
                     raise ValueError(f"{path}: {owner} has quantization state but no weight")
                 if set(quant_keys_of(fmt)) & set(tensors):  # stored quantized
-                    module.set_quantized(quant_weight_from_checkpoint(fmt, tensors, device))
+                    # fp8 checkpoints do not record the original dtype: dequantize to the model's
+                    module.set_quantized(quant_weight_from_checkpoint(fmt, tensors, device,
+                                                                      dtype if fmt == "fp8" else None))
                 else:
                     module.quantize_from(weight.to(device=device, dtype=dtype))
                 if "bias" in tensors:

@@ -1,4 +1,4 @@
-"""Blockwise 4-bit weights (NF4, and FP4 for loading) in bitsandbytes' exact layout.
+"""Blockwise 4-bit weights (NF4, and FP4) in bitsandbytes' exact layout.
 
 Quantization, per block of `blocksize` consecutive elements of the flattened weight (row-major; the
 last block may be short):
@@ -43,6 +43,21 @@ Serialization (what `bnb.nn.Linear4bit` writes and transformers reads), for a we
         separators) with, in this order: quant_type, blocksize, dtype (torch name without "torch."),
         shape (list), and with double quant nested_blocksize (256), nested_dtype ("float32"),
         nested_offset (the fp32 offset as a Python float).
+
+How closely this follows bitsandbytes (checked against bitsandbytes 0.50.2 on a CPU, and against the
+decision rules of its CUDA kernels, which made the Hub's checkpoints, by reading them):
+
+- NF4 codes: bitsandbytes' CUDA kernel compares x against 15 thresholds that equal the fp32 midpoints
+  used here, with `x > t` choosing the upper code; its CPU path gives the same bytes.
+- 8-bit absmax codes: the CUDA kernel takes the nearest entry (a binary search, then the nearer of
+  two neighbours); its CPU build searches approximately and now and then takes the second-nearest.
+  Exact ties (measure zero for real absmax values) may break the other way than here.
+- FP4: sign bit wherever x < 0 (so -0 is written for small negative values) and the kernel's own
+  decimal thresholds (_FP4_THRESHOLDS); bitsandbytes' CPU path breaks ties and signs of zero its own way.
+- All-zero blocks: the CUDA kernel multiplies 0 by 1 / 0 and its NF4 decision tree sends the NaN to
+  index 0 (-1.0); with double quantization such a block then dequantizes to minus the small estimate
+  of a zero absmax instead of 0. Here (as in bitsandbytes' CPU path) zeros get the code of 0.0 and stay
+  exactly 0. Only the bytes of all-zero blocks differ; both load the same way everywhere.
 """
 
 from __future__ import annotations
@@ -89,6 +104,19 @@ NF4_CODE_VALUES = (
 )
 # FP4 e2m1 with bitsandbytes' exponent bias of 2, by bit pattern (sign bit 0b1000); divided by 12 below.
 _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+# bitsandbytes' CUDA kernel decides an FP4 magnitude by comparing against these decimal approximations
+# of the midpoints between the sorted magnitudes (1/384, 11/128, 5/24, 7/24, 5/12, 7/12, 5/6); several
+# are a few ulps off the exact fp32 midpoint, and values from bf16 weights land on them, so the same
+# constants are used to write the same bits.
+_FP4_THRESHOLDS = (
+    0.00260417,
+    0.0859375,
+    0.20833333,
+    0.29166667,
+    0.4166667,
+    0.583333,
+    0.8333333,
+)
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -99,7 +127,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
-def code_table(quant_type: str = "nf4", device: torch.device | str | None = None) -> torch.Tensor:
+def code_table(
+    quant_type: str = "nf4", device: torch.device | str | None = None
+) -> torch.Tensor:
     """The 16 fp32 code values of `quant_type`, indexed by the 4-bit pattern."""
     if quant_type == "nf4":
         values = torch.tensor(NF4_CODE_VALUES, dtype=torch.float32)
@@ -159,9 +189,13 @@ class NF4Tensor:
     def __post_init__(self):
         self.shape = torch.Size(self.shape)
         if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"NF4Tensor: quant_type {self.quant_type!r} is not one of {QUANT_TYPES}")
+            raise ValueError(
+                f"NF4Tensor: quant_type {self.quant_type!r} is not one of {QUANT_TYPES}"
+            )
         if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"NF4Tensor: blocksize {self.blocksize} is not one of {BLOCKSIZES}")
+            raise ValueError(
+                f"NF4Tensor: blocksize {self.blocksize} is not one of {BLOCKSIZES}"
+            )
         if self.dtype not in _DTYPES:
             raise ValueError(f"NF4Tensor: dtype {self.dtype} is not one of {_DTYPES}")
         if self.data.dtype != torch.uint8 or self.data.numel() != (self.numel + 1) // 2:
@@ -170,23 +204,42 @@ class NF4Tensor:
                 f"for shape {tuple(self.shape)}, got {self.data.dtype} with {self.data.numel()}"
             )
         if self.code.shape != (16,) or self.code.dtype != torch.float32:
-            raise ValueError(f"NF4Tensor: code must be 16 fp32 values, got {self.code.dtype} {tuple(self.code.shape)}")
+            raise ValueError(
+                f"NF4Tensor: code must be 16 fp32 values, got {self.code.dtype} {tuple(self.code.shape)}"
+            )
         if self.absmax.shape != (self.num_blocks,):
-            raise ValueError(f"NF4Tensor: absmax must have {self.num_blocks} entries, got {tuple(self.absmax.shape)}")
+            raise ValueError(
+                f"NF4Tensor: absmax must have {self.num_blocks} entries, got {tuple(self.absmax.shape)}"
+            )
         if self.double_quant:
-            if self.absmax.dtype != torch.uint8 or self.nested_absmax is None or self.nested_code is None:
-                raise ValueError("NF4Tensor: double quantization needs uint8 absmax, nested_absmax and nested_code")
-            if self.nested_blocksize <= 0 or self.nested_absmax.shape != (-(-self.num_blocks // self.nested_blocksize),):
+            if (
+                self.absmax.dtype != torch.uint8
+                or self.nested_absmax is None
+                or self.nested_code is None
+            ):
+                raise ValueError(
+                    "NF4Tensor: double quantization needs uint8 absmax, nested_absmax and nested_code"
+                )
+            if self.nested_blocksize <= 0 or self.nested_absmax.shape != (
+                -(-self.num_blocks // self.nested_blocksize),
+            ):
                 raise ValueError(
                     f"NF4Tensor: nested_absmax of shape {tuple(self.nested_absmax.shape)} does not cover "
                     f"{self.num_blocks} blocks in groups of {self.nested_blocksize}"
                 )
-            if self.nested_code.shape != (256,) or self.nested_code.dtype != torch.float32:
+            if (
+                self.nested_code.shape != (256,)
+                or self.nested_code.dtype != torch.float32
+            ):
                 raise ValueError("NF4Tensor: nested_code must be 256 fp32 values")
             if self.nested_absmax.dtype != torch.float32:
-                raise ValueError(f"NF4Tensor: nested_absmax must be fp32, got {self.nested_absmax.dtype}")
+                raise ValueError(
+                    f"NF4Tensor: nested_absmax must be fp32, got {self.nested_absmax.dtype}"
+                )
         elif self.absmax.dtype != torch.float32:
-            raise ValueError(f"NF4Tensor: absmax must be fp32 without double quantization, got {self.absmax.dtype}")
+            raise ValueError(
+                f"NF4Tensor: absmax must be fp32 without double quantization, got {self.absmax.dtype}"
+            )
 
     @property
     def double_quant(self) -> bool:
@@ -207,7 +260,13 @@ class NF4Tensor:
     @property
     def nbytes(self) -> int:
         """Bytes of all tensors held (packed data, statistics and code tables)."""
-        tensors = (self.data, self.absmax, self.code, self.nested_absmax, self.nested_code)
+        tensors = (
+            self.data,
+            self.absmax,
+            self.code,
+            self.nested_absmax,
+            self.nested_code,
+        )
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def to(self, device: torch.device | str) -> NF4Tensor:
@@ -227,11 +286,15 @@ class NF4Tensor:
         """The per-block fp32 absmax, double quantization undone (the values the dequantization scales by)."""
         if not self.double_quant:
             return self.absmax
-        nested = self.nested_absmax.repeat_interleave(self.nested_blocksize)[: self.num_blocks]
+        nested = self.nested_absmax.repeat_interleave(self.nested_blocksize)[
+            : self.num_blocks
+        ]
         # product first, then the offset: bitsandbytes rounds in this order (no fused multiply-add)
         return self.nested_code[self.absmax.long()] * nested + self.offset
 
-    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def dequantize(
+        self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return dequantize_nf4(self, dtype, out=out)
 
     def __repr__(self) -> str:
@@ -254,19 +317,23 @@ def _nearest_index(x: torch.Tensor, sorted_code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x, bounds, out_int32=True)
 
 
-def _quantize_4bit_codes(x: torch.Tensor, quant_type: str, code: torch.Tensor) -> torch.Tensor:
+def _quantize_4bit_codes(
+    x: torch.Tensor, quant_type: str, code: torch.Tensor
+) -> torch.Tensor:
     """4-bit indices (int32) of scaled values x in [-1, 1]."""
     if quant_type == "nf4":
         return _nearest_index(x, code)  # the NF4 code is ascending: index == position
     # FP4: the nearest of the eight magnitudes, and the sign bit wherever x < 0 (also when the
     # magnitude rounds to zero: bitsandbytes' CUDA kernel writes -0 there)
-    mags = code[:8]
-    order = torch.argsort(mags)
-    idx = order.to(torch.int32)[_nearest_index(x.abs(), mags[order]).long()]
+    order = torch.argsort(code[:8]).to(torch.int32)
+    thresholds = torch.tensor(_FP4_THRESHOLDS, dtype=torch.float32, device=x.device)
+    idx = order[torch.bucketize(x.abs(), thresholds).long()]
     return torch.where(x < 0, idx | 8, idx)
 
 
-def _blockwise_absmax_and_scaled(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _blockwise_absmax_and_scaled(
+    x: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(absmax per block, x / absmax in [-1, 1]) of fp32 `x`, whose length is a whole number of blocks
     except at the end; the result is padded with zeros to whole blocks."""
     pad = -x.numel() % blocksize
@@ -285,12 +352,18 @@ def _quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor, blocksize
     """Blockwise absmax quantization of fp32 `values` to indices (uint8) into the ascending 256-entry
     `code`. Returns (indices, absmax per block)."""
     absmax, scaled = _blockwise_absmax_and_scaled(values, blocksize)
-    idx = _nearest_index(scaled[: values.numel()], code).to(torch.uint8)
-    return idx, absmax
+    idx = _nearest_index(scaled, code).to(torch.uint8).view(-1, blocksize)
+    # An all-zero group (every absmax equal to the offset) decodes to the offset whatever its index;
+    # bitsandbytes writes index 0 there, and so does this, to keep the bytes identical.
+    idx[absmax == 0] = 0
+    return idx.view(-1)[: values.numel()], absmax
 
 
 def quantize_nf4(
-    w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4"
+    w: torch.Tensor,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    quant_type: str = "nf4",
 ) -> NF4Tensor:
     """Quantize `w` (fp32 / fp16 / bf16, any shape, CPU or CUDA) blockwise to 4 bits, in the layout
     bitsandbytes' `quantize_4bit(w, blocksize, compress_statistics=double_quant, quant_type)` produces.
@@ -298,11 +371,17 @@ def quantize_nf4(
     Works through the flattened weight in chunks, so the extra memory is a few x 16 MiB plus the
     result, whatever the weight's size."""
     if w.dtype not in _DTYPES:
-        raise ValueError(f"quantize_nf4: weights of dtype {w.dtype} are not supported; use one of {_DTYPES}")
+        raise ValueError(
+            f"quantize_nf4: weights of dtype {w.dtype} are not supported; use one of {_DTYPES}"
+        )
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"quantize_nf4: blocksize {blocksize} is not one of {BLOCKSIZES}")
+        raise ValueError(
+            f"quantize_nf4: blocksize {blocksize} is not one of {BLOCKSIZES}"
+        )
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quantize_nf4: quant_type {quant_type!r} is not one of {QUANT_TYPES}")
+        raise ValueError(
+            f"quantize_nf4: quant_type {quant_type!r} is not one of {QUANT_TYPES}"
+        )
     if w.numel() == 0:
         raise ValueError("quantize_nf4: cannot quantize an empty tensor")
     device = w.device
@@ -313,13 +392,16 @@ def quantize_nf4(
     packed_flat = packed.view(-1)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
 
-    chunk = max(_CHUNK // blocksize, 1) * blocksize  # whole blocks, an even number of elements
+    # whole blocks per chunk, hence an even number of elements: chunks split no byte
+    chunk = max(_CHUNK // blocksize, 1) * blocksize
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         am, scaled = _blockwise_absmax_and_scaled(flat[start:stop].float(), blocksize)
         absmax[start // blocksize : start // blocksize + am.numel()] = am
         count = stop - start
-        q = _quantize_4bit_codes(scaled[: count + (count & 1)], quant_type, code).to(torch.uint8)
+        q = _quantize_4bit_codes(scaled[: count + (count & 1)], quant_type, code).to(
+            torch.uint8
+        )
         packed_flat[start // 2 : start // 2 + q.numel() // 2] = (q[0::2] << 4) | q[1::2]
         del am, scaled, q
 
@@ -330,7 +412,9 @@ def quantize_nf4(
         return NF4Tensor(packed, w.shape, w.dtype, absmax, code, blocksize, quant_type)
     offset = absmax.mean()
     nested_code = dynamic_code(device)
-    qabsmax, nested_absmax = _quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+    qabsmax, nested_absmax = _quantize_blockwise_8bit(
+        absmax - offset, nested_code, NESTED_BLOCKSIZE
+    )
     return NF4Tensor(
         packed,
         w.shape,
@@ -350,14 +434,23 @@ def quantize_nf4(
 # --------------------------------------------------------------------------------------------
 
 
-def _output(q: NF4Tensor, dtype: torch.dtype | None, out: torch.Tensor | None) -> torch.Tensor:
+def _output(
+    q: NF4Tensor, dtype: torch.dtype | None, out: torch.Tensor | None
+) -> torch.Tensor:
     if dtype is None:
         dtype = out.dtype if out is not None else q.dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dequantize_nf4: output dtype {dtype} is not one of {_DTYPES}")
+        raise ValueError(
+            f"dequantize_nf4: output dtype {dtype} is not one of {_DTYPES}"
+        )
     if out is None:
         return torch.empty(q.shape, dtype=dtype, device=q.device)
-    if out.dtype != dtype or out.numel() != q.numel or not out.is_contiguous() or out.device != q.device:
+    if (
+        out.dtype != dtype
+        or out.numel() != q.numel
+        or not out.is_contiguous()
+        or out.device != q.device
+    ):
         raise ValueError(
             f"dequantize_nf4: out must be a contiguous {dtype} tensor of {q.numel} elements on {q.device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})"
@@ -374,21 +467,22 @@ def dequantize_nf4_reference(
     flat_out = result.view(-1)
     absmax = q.absmax_fp32()
     data = q.data.view(-1)
-    code = q.code
+    # every byte value's two codes (high nibble first): one gather per byte instead of shift, mask, stack
+    nibbles = torch.arange(256, device=data.device)
+    pairs = q.code[torch.stack((nibbles >> 4, nibbles & 15), dim=1)]
     n, bs = q.numel, q.blocksize
     chunk = max(_CHUNK // bs, 1) * bs
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         byte = data[start // 2 : (stop + 1) // 2]
-        idx = torch.stack((byte >> 4, byte & 15), dim=1).view(-1).int()
-        vals = code[idx]
+        vals = pairs[byte.long()].view(-1)
         pad = -vals.numel() % bs
         if pad:
             vals = torch.nn.functional.pad(vals, (0, pad))
         blocks = vals.view(-1, bs)
         blocks *= absmax[start // bs : start // bs + blocks.shape[0], None]
         flat_out[start:stop] = vals[: stop - start]
-        del idx, vals, blocks
+        del vals, blocks
     return result
 
 
@@ -414,7 +508,9 @@ if triton is not None:
         blk = (2 * b) // BLOCKSIZE
         if DOUBLE_QUANT:
             qa = tl.load(ABSMAX + blk, mask=bmask, other=0).to(tl.int32)
-            nested = tl.load(NESTED_ABSMAX + blk // NESTED_BLOCKSIZE, mask=bmask, other=0.0)
+            nested = tl.load(
+                NESTED_ABSMAX + blk // NESTED_BLOCKSIZE, mask=bmask, other=0.0
+            )
             # launched with enable_fp_fusion=False: the product is rounded before the offset is
             # added, as in bitsandbytes and the reference
             absmax = tl.load(NESTED_CODE + qa) * nested + offset
@@ -453,7 +549,9 @@ def dequantize_nf4_triton(
     return result
 
 
-def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_nf4(
+    q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The weight back as `dtype` (default: the original dtype), shaped like it, or written into
     `out` (a contiguous buffer of the same number of elements, reused across calls). The Triton
     kernel runs on CUDA, the torch reference elsewhere; both give the same bits."""
@@ -475,7 +573,8 @@ def nf4_to_bnb_state_dict(q: NF4Tensor, prefix: str = "") -> dict[str, torch.Ten
     """The tensors `bnb.nn.Linear4bit` saves for its weight under `prefix` (e.g. "model.layers.0.mlp.
     down_proj."), byte for byte: what transformers + bitsandbytes load as a pre-quantized checkpoint."""
     key = f"{prefix}weight"
-    sd = {key: q.data, f"{key}.absmax": q.absmax, f"{key}.quant_map": q.code}
+    # code tables are copied: weights may share one tensor, and safetensors refuses shared storage
+    sd = {key: q.data, f"{key}.absmax": q.absmax, f"{key}.quant_map": q.code.clone()}
     meta = {
         "quant_type": q.quant_type,
         "blocksize": q.blocksize,
@@ -484,11 +583,16 @@ def nf4_to_bnb_state_dict(q: NF4Tensor, prefix: str = "") -> dict[str, torch.Ten
     }
     if q.double_quant:
         sd[f"{key}.nested_absmax"] = q.nested_absmax
-        # a separate tensor per weight: safetensors refuses shared storage
         sd[f"{key}.nested_quant_map"] = q.nested_code.clone()
-        meta.update(nested_blocksize=q.nested_blocksize, nested_dtype="float32", nested_offset=float(q.offset))
+        meta.update(
+            nested_blocksize=q.nested_blocksize,
+            nested_dtype="float32",
+            nested_offset=float(q.offset),
+        )
     payload = json.dumps(meta).encode("utf-8")
-    sd[f"{key}.quant_state.bitsandbytes__{q.quant_type}"] = torch.tensor(list(payload), dtype=torch.uint8)
+    sd[f"{key}.quant_state.bitsandbytes__{q.quant_type}"] = torch.tensor(
+        list(payload), dtype=torch.uint8
+    )
     return sd
 
 
@@ -498,7 +602,9 @@ def is_bnb_4bit(sd: dict[str, torch.Tensor], prefix: str = "") -> bool:
 
 
 def nf4_from_bnb_state_dict(
-    sd: dict[str, torch.Tensor], prefix: str = "", device: torch.device | str | None = None
+    sd: dict[str, torch.Tensor],
+    prefix: str = "",
+    device: torch.device | str | None = None,
 ) -> NF4Tensor:
     """Read the 4-bit weight that `bnb.nn.Linear4bit` saved under `prefix` (as in `*-bnb-4bit`
     checkpoints) without bitsandbytes. Other keys of `sd` (bias, other modules) are ignored; an unknown
@@ -520,36 +626,62 @@ def nf4_from_bnb_state_dict(
         )
     unknown = sorted(set(parts) - {state_key, *_BNB_SUFFIXES})
     if unknown:
-        raise ValueError(f"nf4_from_bnb_state_dict: unknown keys {[f'{key}.{k}' for k in unknown]}")
+        raise ValueError(
+            f"nf4_from_bnb_state_dict: unknown keys {[f'{key}.{k}' for k in unknown]}"
+        )
     try:
-        meta = json.loads(bytes(parts[state_key].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        meta = json.loads(
+            bytes(parts[state_key].cpu().to(torch.uint8).tolist()).decode("utf-8")
+        )
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"nf4_from_bnb_state_dict: '{key}.{state_key}' is not UTF-8 JSON: {e}") from e
+        raise ValueError(
+            f"nf4_from_bnb_state_dict: '{key}.{state_key}' is not UTF-8 JSON: {e}"
+        ) from e
     if meta.get("quant_type", quant_type) != quant_type:
-        raise ValueError(f"nf4_from_bnb_state_dict: '{key}.{state_key}' holds quant_type {meta['quant_type']!r}")
+        raise ValueError(
+            f"nf4_from_bnb_state_dict: '{key}.{state_key}' holds quant_type {meta['quant_type']!r}"
+        )
     for field in ("blocksize", "dtype", "shape"):
         if field not in meta:
-            raise ValueError(f"nf4_from_bnb_state_dict: '{key}.{state_key}' lacks '{field}'")
-    missing = [f"{key}{s}" for s, present in (("", key in sd), (".absmax", "absmax" in parts)) if not present]
+            raise ValueError(
+                f"nf4_from_bnb_state_dict: '{key}.{state_key}' lacks '{field}'"
+            )
+    missing = [
+        f"{key}{s}"
+        for s, present in (("", key in sd), (".absmax", "absmax" in parts))
+        if not present
+    ]
     nested = "nested_offset" in meta
     if nested:
-        missing += [f"{key}.{s}" for s in ("nested_absmax", "nested_quant_map") if s not in parts]
+        missing += [
+            f"{key}.{s}"
+            for s in ("nested_absmax", "nested_quant_map")
+            if s not in parts
+        ]
     elif "nested_absmax" in parts or "nested_quant_map" in parts:
-        raise ValueError(f"nf4_from_bnb_state_dict: '{key}' has nested tensors but its quant_state has no nested_offset")
+        raise ValueError(
+            f"nf4_from_bnb_state_dict: '{key}' has nested tensors but its quant_state has no nested_offset"
+        )
     if missing:
         raise ValueError(f"nf4_from_bnb_state_dict: missing keys {missing}")
 
-    dtype = getattr(torch, meta["dtype"], None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"nf4_from_bnb_state_dict: unknown dtype {meta['dtype']!r} in '{key}.{state_key}'")
+    dtype = {_dtype_name(d): d for d in _DTYPES}.get(meta["dtype"])
+    if dtype is None:
+        raise ValueError(
+            f"nf4_from_bnb_state_dict: unsupported dtype {meta['dtype']!r} in '{key}.{state_key}'"
+        )
     data = sd[key]
-    if data.dtype != torch.uint8:  # bnb's `quant_storage` option stores the same bytes as another dtype
+    if (
+        data.dtype != torch.uint8
+    ):  # bnb's `quant_storage` option stores the same bytes as another dtype
         data = data.contiguous().view(torch.uint8)
     data = data.reshape(-1, 1)
     default_code = code_table(quant_type)
     code = parts.get("quant_map", default_code).float().cpu()
     if not torch.equal(code, default_code):
-        raise ValueError(f"nf4_from_bnb_state_dict: '{key}.quant_map' is not the standard {quant_type} code")
+        raise ValueError(
+            f"nf4_from_bnb_state_dict: '{key}.quant_map' is not the standard {quant_type} code"
+        )
 
     def put(t):
         return t.to(device) if device is not None else t
@@ -557,13 +689,15 @@ def nf4_from_bnb_state_dict(
     kwargs = {}
     if nested:
         if meta.get("nested_dtype", "float32") != "float32":
-            raise ValueError(f"nf4_from_bnb_state_dict: nested_dtype {meta['nested_dtype']!r} is not float32")
-        kwargs = dict(
-            offset=float(meta["nested_offset"]),
-            nested_absmax=put(parts["nested_absmax"].float()),
-            nested_code=put(parts["nested_quant_map"].float()),
-            nested_blocksize=int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)),
-        )
+            raise ValueError(
+                f"nf4_from_bnb_state_dict: nested_dtype {meta['nested_dtype']!r} is not float32"
+            )
+        kwargs = {
+            "offset": float(meta["nested_offset"]),
+            "nested_absmax": put(parts["nested_absmax"].float()),
+            "nested_code": put(parts["nested_quant_map"].float()),
+            "nested_blocksize": int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)),
+        }
     return NF4Tensor(
         data=put(data),
         shape=torch.Size(meta["shape"]),

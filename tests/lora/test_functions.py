@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -33,8 +34,14 @@ from fasttune.lora import (
     why_not_fused,
 )
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "kernels"))
-from kernel_rules import assert_no_worse, kernels_runnable
+# tests/kernels/kernel_rules.py by its path: putting tests/kernels on sys.path would let `import kernels`
+# elsewhere in the run (benchmarks/kernels.py) resolve to the wrong module
+_spec = importlib.util.spec_from_file_location(
+    "kernel_rules", os.path.join(os.path.dirname(os.path.dirname(__file__)), "kernels", "kernel_rules.py")
+)
+_rules = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_rules)
+assert_no_worse, kernels_runnable = _rules.assert_no_worse, _rules.kernels_runnable
 
 act = importlib.import_module("fasttune.kernels.activations")
 lora_functions = importlib.import_module("fasttune.lora.functions")
