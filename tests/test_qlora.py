@@ -129,3 +129,42 @@ def test_merged_saves_of_a_qlora_model(tiny_model_dir, tmp_path):
     with torch.no_grad():
         got4 = again(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.nn.functional.cosine_similarity(got4[real].flatten(), want[real].flatten(), dim=0) > 0.95
+
+
+def _count(monkeypatch, owner, name) -> list:
+    calls = []
+    original = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+def test_decoding_reaches_the_formats_own_product(tiny_model_dir, monkeypatch):
+    """The owned forward hands NF4 weights to the fused functions, which use the format's `linear` (where the
+    GEMV lives), in generation as in training."""
+    model, tok = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=True, max_seq_length=MAX_LEN)
+    FastLanguageModel.for_inference(model)
+    calls = _count(monkeypatch, NF4Tensor, "linear")
+    enc = tok(["Hello there"], return_tensors="pt")
+    model.generate(**enc, max_new_tokens=3, do_sample=False)
+    assert len(calls) >= 3 * len(PROJECTIONS) * model.config.num_hidden_layers
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_uses_the_nf4_gemv(tiny_model_dir, monkeypatch):
+    import fasttune.quant.nf4_gemv as gemv
+
+    model, tok = FastLanguageModel.from_pretrained(tiny_model_dir("llama", hidden_size=128, intermediate_size=256),
+                                                   load_in_4bit=True, max_seq_length=MAX_LEN)
+    FastLanguageModel.for_inference(model)
+    enc = tok(["Hello there"], return_tensors="pt").to("cuda")
+    want = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    calls = _count(monkeypatch, gemv, "nf4_gemv")
+    got = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
+    # every projection of every layer, in each of the 3 single-token steps (the prompt is a matmul's job)
+    assert len(calls) >= 3 * len(PROJECTIONS) * model.config.num_hidden_layers

@@ -122,6 +122,8 @@ class QuantLinear(nn.Linear):
     # -- nn.Module plumbing ---------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the format's own `linear` picks its fastest product (NF4: a GEMV reading the packed codes for a few
+        # rows on CUDA, i.e. decode; FP8: the scaled matmul); the backward dequantizes
         y = lora_linear(x, self.quant_weight)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 

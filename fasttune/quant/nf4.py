@@ -297,6 +297,16 @@ class NF4Tensor:
     ) -> torch.Tensor:
         return dequantize_nf4(self, dtype, out=out)
 
+    def linear(self, x2: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x2 (M, in) @ W^T -> (M, out) in `out_dtype` (default x2's): the 4-bit GEMV that reads the packed
+        codes, for a few rows on CUDA (decode), else the product with the dequantized weight."""
+        from .nf4_gemv import nf4_gemv, use_nf4_gemv  # that module builds on this one
+
+        out_dtype = out_dtype or x2.dtype
+        if use_nf4_gemv(x2, self):
+            return nf4_gemv(x2, self, out_dtype)
+        return torch.mm(x2.to(out_dtype), self.dequantize(out_dtype).t())
+
     def __repr__(self) -> str:
         dq = f", double_quant(offset={self.offset:.6g})" if self.double_quant else ""
         return (
