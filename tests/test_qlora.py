@@ -168,3 +168,60 @@ def test_gpu_decode_step_uses_the_nf4_gemv(tiny_model_dir, monkeypatch):
     assert torch.equal(got, want)
     # every projection of every layer, in each of the 3 single-token steps (the prompt is a matmul's job)
     assert len(calls) >= 3 * len(PROJECTIONS) * model.config.num_hidden_layers
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints exchanged with transformers + bitsandbytes (a test-only dependency), both directions
+# --------------------------------------------------------------------------------------------
+
+
+def _bnb_dequantized(model) -> dict:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            # flat: bitsandbytes' CPU dequantize misplaces values when a row is not a whole number of blocks
+            state = copy.copy(m.weight.quant_state)
+            shape, state.shape = state.shape, torch.Size([state.shape.numel()])
+            out[name] = bf.dequantize_4bit(m.weight.data, state).float().view(shape)
+    return out
+
+
+def _ours_dequantized(model) -> dict:
+    return {name: m.dequantize(torch.float32) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def test_bitsandbytes_checkpoint_loads_bit_exactly(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    source = tiny_model_dir("llama")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=torch.float32,
+                                                  device_map="cpu")
+    theirs.save_pretrained(tmp_path / "bnb-4bit")
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "bnb-4bit")
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path / "bnb-4bit"), load_in_4bit=True, max_seq_length=MAX_LEN)
+    want, got = _bnb_dequantized(theirs), _ours_dequantized(ours)
+    assert want.keys() == got.keys() and len(want) == len(PROJECTIONS) * ours.config.num_hidden_layers
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_merged_4bit_loads_in_transformers_and_bitsandbytes(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    model, tok = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=False, max_seq_length=MAX_LEN)
+    peft = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=TARGETS, random_state=2)
+    randomize_lora_b(peft)
+    peft.save_pretrained_merged(str(tmp_path / "m4"), tok, save_method="merged_4bit")
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m4"), device_map="cpu")
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m4"), load_in_4bit=True, max_seq_length=MAX_LEN)
+    want, got = _bnb_dequantized(theirs), _ours_dequantized(ours)
+    assert want.keys() == got.keys() and want
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
