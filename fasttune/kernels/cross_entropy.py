@@ -121,11 +121,14 @@ if triton is not None:
         for start in range(0, V, BLOCK_V):
             idx = start + cols
             mask = idx < V
-            c = _cap(tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+            z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)
+            c = _cap(z, softcap, HAS_SOFTCAP)
             g = tl.exp(c - lse) - tl.where(idx == target, 1.0, 0.0)
             if HAS_SOFTCAP:
-                r = c / softcap
-                g = g * (1.0 - r * r)
+                # tanh'(z/s) = 1 - tanh^2 = 4 / (e + 2 + 1/e) with e = exp(2z/s): no cancellation near
+                # saturation (1 - r*r loses every digit there), and 0 at e = 0 or inf
+                e = tl.exp(2.0 * z / softcap)
+                g = g * (4.0 / (e + 2.0 + 1.0 / e))
             tl.store(g_row + idx, (g * scale).to(g_row.dtype.element_ty), mask=mask)
 
     @triton.jit

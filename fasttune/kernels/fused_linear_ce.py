@@ -122,11 +122,18 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _default_chunk(tokens: int, hidden: int, vocab: int) -> int:
-    # a chunk's logits about twice the hidden states (at least 32M elements): far below the full
-    # logits (1/16 of them at vocab = 32 x hidden) while each matmul keeps hundreds of rows
-    budget = max(2 * tokens * hidden, 1 << 25)
-    return max(128, budget // max(vocab, 1) // 64 * 64)
+def _default_chunk(tokens: int, hidden: int, vocab: int, trains_weight: bool = False) -> int:
+    """Tokens per chunk, from two limits:
+    - memory: a chunk's logits about twice the hidden states (at least 32M elements), far below the
+      full logits (1/16 of them at vocab = 32 x hidden); 4x that when lm_head trains, as every chunk
+      then re-reads and re-writes the fp32 dW;
+    - speed: the dX product (C x hidden outputs, each a sum over the vocabulary) needs C * hidden of
+      about 4M outputs, one wave of 128x256 tiles on an H100's 132 SMs; the memory limit alone gives
+      a 256K vocabulary 128-token chunks and a tenth of a wave."""
+    budget = max(2 * tokens * hidden, 1 << 25) * (4 if trains_weight else 1)
+    by_memory = budget // max(vocab, 1)
+    by_gemm = -(-(1 << 22) // max(hidden, 1))
+    return max(128, -(-max(by_memory, by_gemm) // 64) * 64)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -164,9 +171,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             db = torch.zeros(V, device=hk.device, dtype=torch.float32) if need_db else None
             scale = (1.0 / n).reshape(1)
             loss_sum = torch.zeros((), device=hk.device, dtype=torch.float32)
-            C = int(chunk) if chunk else _default_chunk(K, H, V)
-            if not chunk and (need_dw or need_dbb):
-                C *= 4  # every chunk re-reads and re-writes the fp32 dW: fewer, larger chunks
+            C = int(chunk) if chunk else _default_chunk(K, H, V, trains_weight=need_dw or need_dbb)
             for s in range(0, K, C):
                 h_c = hk[s:s + C]
                 z = torch.addmm(b, h_c, W.t()) if b is not None else torch.mm(h_c, W.t())

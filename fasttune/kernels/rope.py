@@ -47,7 +47,6 @@ The backward writes fresh gradients and never modifies the incoming ones.
 
 from __future__ import annotations
 
-
 import torch
 
 from . import dispatch
@@ -176,6 +175,14 @@ if triton is not None:
 _MAX_TILE = 2048
 
 
+def _rope_config(heads: int, half: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_D, num_warps) for `heads` heads of `half` elements per half."""
+    block_d = triton.next_power_of_2(half)
+    block_h = min(triton.next_power_of_2(heads), max(1, _MAX_TILE // block_d))
+    tile = block_h * block_d
+    return block_h, block_d, 8 if tile >= 2048 else (4 if tile >= 512 else 2)
+
+
 def _launch(q, k, qo, ko, cos, sin, backward: bool) -> None:
     """Rotates q -> qo and k -> ko (qo may be q, ko may be k). q or k may be None (nothing to do
     for it). All 4-D tensors are (b, h, s, d); cos/sin are (b, s, d) with any strides."""
@@ -194,9 +201,7 @@ def _launch(q, k, qo, ko, cos, sin, backward: bool) -> None:
         k = ko = q
     half = hd // 2
     interpret = interpreting()
-    block_d = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(max(hq, hk)), max(1, _MAX_TILE // block_d))
-    tile = block_h * block_d
+    block_h, block_d, num_warps = _rope_config(max(hq, hk), half)
     grid = (b * s, triton.cdiv(max(hq, hk), block_h))
     _rope_qk_kernel[grid](
         q, k, qo, ko, cos, sin,
@@ -206,7 +211,7 @@ def _launch(q, k, qo, ko, cos, sin, backward: bool) -> None:
         HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward,
         ROUND_Q=interpret and qo.dtype == torch.bfloat16, ROUND_K=interpret and ko.dtype == torch.bfloat16,
         COMPUTE=tl.float64 if torch.float64 in (q.dtype, k.dtype, cos.dtype, sin.dtype) else tl.float32,
-        num_warps=8 if tile >= 2048 else (4 if tile >= 512 else 2),
+        num_warps=num_warps,
     )
 
 
