@@ -48,7 +48,8 @@ def test_train_records_throughput_and_checks(results):
         assert r["status"] == "ok", r
         assert r["problems"] == []
         for field in ("tokens_per_s", "s_per_step_median", "losses", "grad_norms", "update_norm", "model_flops_per_token",
-                      "trainable_params", "date", "gpu", "versions", "git_commit", "command", "machine", "lora"):
+                      "trainable_params", "date", "gpu", "versions", "git_commit", "command", "machine", "lora",
+                      "fasttune_env"):
             assert field in r, field
         assert r["tokens_per_s"] > 0 and len(r["losses"]) == 2 and len(r["step_times"]) == 2
         assert common.loss_moved(r["losses"]), r["losses"]
@@ -117,3 +118,10 @@ def test_bench_jobs_and_sets():
     with pytest.raises(Exception):
         bench.Job.parse("train:nostack:llama-1b")
     assert bench.main(["--set", "headline", "--dry-run"]) == 0
+
+
+def test_provenance_records_the_switches_a_run_was_made_with(monkeypatch):
+    monkeypatch.setenv("FASTTUNE_DISABLE_TRITON", "1")
+    monkeypatch.setenv("FASTTUNE_BENCH_COMMAND", "not a switch")
+    env = common.provenance()["fasttune_env"]
+    assert env.get("FASTTUNE_DISABLE_TRITON") == "1" and "FASTTUNE_BENCH_COMMAND" not in env
