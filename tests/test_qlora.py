@@ -225,3 +225,19 @@ def test_merged_4bit_loads_in_transformers_and_bitsandbytes(tiny_model_dir, tmp_
     assert want.keys() == got.keys() and want
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_save_pretrained_of_a_quantized_model_reloads_the_same_codes(tiny_model_dir, tmp_path, bits):
+    kw = {"load_in_4bit": True} if bits == 4 else {"load_in_4bit": False, "load_in_8bit": True}
+    model, tok = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), max_seq_length=MAX_LEN, **kw)
+    model.save_pretrained(str(tmp_path / "q"))
+    tok.save_pretrained(str(tmp_path / "q"))
+    again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "q"), max_seq_length=MAX_LEN, **kw)
+    before, after = dict(model.named_modules()), dict(again.named_modules())
+    quantized = [n for n, m in before.items() if isinstance(m, QuantLinear)]
+    assert quantized
+    for name in quantized:
+        a, b = before[name].quant_weight, after[name].quant_weight
+        assert torch.equal(a.data, b.data) and a.dtype == b.dtype == torch.float32, name
+        assert torch.equal(before[name].dequantize(), after[name].dequantize()), name

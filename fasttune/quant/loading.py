@@ -192,9 +192,9 @@ def _fill_from_checkpoint(model, model_dir, fmt, dtype, device, targets: set[str
                 if weight is None:
                     raise ValueError(f"{path}: {owner} has quantization state but no weight")
                 if set(quant_keys_of(fmt)) & set(tensors):  # stored quantized
-                    # fp8 checkpoints do not record the original dtype: dequantize to the model's
-                    module.set_quantized(quant_weight_from_checkpoint(fmt, tensors, device,
-                                                                      dtype if fmt == "fp8" else None))
+                    # fp8 and int8 checkpoints do not record the original dtype: dequantize to the model's
+                    # (nf4's quant_state names its own)
+                    module.set_quantized(quant_weight_from_checkpoint(fmt, tensors, device, dtype))
                 else:
                     module.quantize_from(weight.to(device=device, dtype=dtype))
                 if "bias" in tensors:
