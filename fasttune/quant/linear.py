@@ -92,7 +92,11 @@ class QuantLinear(nn.Linear):
         """The whole format object (codes + state); what the fused LoRA functions dequantize."""
         if self._state is None:
             raise RuntimeError("QuantLinear holds no weight yet (set_quantized / quantize_from)")
-        return replace(self._state, data=self.weight.data)
+        weight = self.weight
+        if self._state.data.data_ptr() != weight.data_ptr() or self._state.data.device != weight.device:
+            # the codes were replaced behind the module's back (param.data = ...): follow them, once
+            self._state = replace(self._state, data=weight.data)
+        return self._state  # built once, not per call: every forward of every projection asks for it
 
     def set_quantized(self, q: NF4Tensor | Int8Tensor | FP8Tensor) -> None:
         expected = (self.out_features, self.in_features)
