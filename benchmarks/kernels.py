@@ -407,6 +407,10 @@ def _tuple(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
+def _in_layout(like: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(like.shape, like.stride(), dtype=values.dtype, device=values.device).copy_(values)
+
+
 def _ups(dys, outs, clone=True) -> list:
     """The upstream gradients in each output's dtype (a loss may come back in fp32 or bf16); cloned for the
     check, since some backward kernels write their result into the upstream gradient."""
@@ -546,7 +550,11 @@ class Runner:
         t32 = {k: (v.detach().float() if v.is_floating_point() else v.detach()).requires_grad_(k in op.diff)
                for k, v in base.items()}
         want = _tuple(op.oracle(t32))
-        dys = [torch.ones_like(o, dtype=dtype) if o.dim() == 0 else _randn(gen, o.shape, dev, dtype) for o in want]
+        # each upstream gradient in its output's memory layout, as autograd hands them over inside a model
+        # (SDPA returns dq/dk in the layout of the rotated q/k it was given; a contiguous (b, h, s, d) gradient
+        # for a (b, s, h, d)-laid-out output would time a transposing read the model never does)
+        dys = [torch.ones_like(o, dtype=dtype) if o.dim() == 0 else _in_layout(o, _randn(gen, o.shape, dev, dtype))
+               for o in want]
         want_grads = torch.autograd.grad(want, [t32[n] for n in op.diff], [d.float() for d in dys])
         want = [w.detach() for w in want]
         del t32

@@ -164,3 +164,13 @@ def test_report_chart_merge_and_bench_set(tiny_run, tmp_path):
     assert argv[1].endswith("kernels.py") and argv[2:] == ["--shapes", "llama-8b", "--size", "tiny", "--results-root", "/tmp/r"]
     assert jobs[0].key("tiny") == "llama-8b-tiny" and jobs[0].key("full") == "llama-8b"
     assert bench.Job.parse("kernels:fasttune:gemma2-2b") == jobs[1]
+
+
+def test_upstream_gradients_keep_each_outputs_layout():
+    """A (b, s, h, d)-laid-out output gets its gradient in that layout, as SDPA hands dq/dk back in a model."""
+    import torch
+
+    out = torch.zeros(2, 5, 3, 4).transpose(1, 2)  # (b, h, s, d) view of (b, s, h, d) storage
+    values = torch.randn(out.shape)
+    dy = kernels._in_layout(out, values)
+    assert dy.stride() == out.stride() and torch.equal(dy, values)
