@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_training import MAX_LEN, uneven_batch
+from test_training import MAX_LEN, train_steps, uneven_batch
 from tiny import FAMILY_CONFIGS, tiny_pair
 
 from fasttune import FastLanguageModel
@@ -54,14 +54,7 @@ def test_from_pretrained_full_finetuning(tiny_model_dir):
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    losses = []
-    for _ in range(8):
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_steps(model, {**enc, "labels": labels}, steps=8, lr=3e-3)
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0], losses
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]

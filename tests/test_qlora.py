@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from test_training import MAX_LEN, TARGETS, randomize_lora_b, uneven_batch
+from test_training import MAX_LEN, TARGETS, randomize_lora_b, train_steps, uneven_batch
 
 from fasttune import FastLanguageModel
 from fasttune.quant.linear import QuantLinear
@@ -30,22 +30,31 @@ def _dense_twin(quantized, dense):
     return twin
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_model_computes_what_its_dequantized_weights_give(tiny_model_dir, bits):
+# from_pretrained arguments -> (format, fp8 granularity, bound on max |W_q - W| / max |W|)
+LOADS = {
+    "nf4": ({"load_in_4bit": True}, "nf4", None, 0.2),
+    "int8": ({"load_in_4bit": False, "load_in_8bit": True}, "int8", None, 0.02),
+    "fp8-row": ({"load_in_fp8": True}, "fp8", "row", 0.04),
+    "fp8-block": ({"load_in_fp8": "block"}, "fp8", "block", 0.04),
+}
+
+
+@pytest.mark.parametrize("load", sorted(LOADS))
+def test_quantized_model_computes_what_its_dequantized_weights_give(tiny_model_dir, load):
+    kw, fmt, granularity, bound = LOADS[load]
     model_dir = tiny_model_dir("llama")
     dense, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=False, max_seq_length=MAX_LEN)
-    kw = {"load_in_4bit": True} if bits == 4 else {"load_in_4bit": False, "load_in_8bit": True}
     quant, _ = FastLanguageModel.from_pretrained(model_dir, max_seq_length=MAX_LEN, **kw)
-    fmt = "nf4" if bits == 4 else "int8"
     kinds = {name.split(".")[-1]: type(m) for name, m in quant.named_modules()}
     for proj in PROJECTIONS:
         assert kinds[proj] is QuantLinear
     assert type(quant.lm_head) is torch.nn.Linear and type(quant.model.embed_tokens) is torch.nn.Embedding
-    assert all(m.fmt == fmt for m in quant.modules() if isinstance(m, QuantLinear))
+    layers = [m for m in quant.modules() if isinstance(m, QuantLinear)]
+    assert all(m.fmt == fmt and m.granularity == granularity for m in layers)
     # the quantization is close to the weights it came from (the format tests check it bit by bit)
     w = dense.model.layers[0].mlp.down_proj.weight
     err = (quant.model.layers[0].mlp.down_proj.dequantize(torch.float32) - w).abs().max().item()
-    assert 0 < err < (0.2 if bits == 4 else 0.02) * w.abs().max().item()
+    assert 0 < err < bound * w.abs().max().item()
 
     batch = uneven_batch(1000, rows=3, length=14)
     twin = _dense_twin(quant, dense)
@@ -76,15 +85,7 @@ def test_qlora_trains_like_16bit_lora_on_real_weights(smollm2_dir):
         peft = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=3407)
         enc = tok(texts, padding=True, return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=2e-3)
-        run = []
-        for _ in range(8):
-            loss = peft(**enc, labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            run.append(loss.item())
-        losses[bits] = run
+        losses[bits] = train_steps(peft, {**enc, "labels": labels}, steps=8, lr=2e-3)
     assert all(math.isfinite(x) for run in losses.values() for x in run)
     for bits, run in losses.items():
         assert run[-1] < 0.5 * run[0], (bits, run)

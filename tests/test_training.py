@@ -76,6 +76,19 @@ def assert_grads_close(actual: dict, expected: dict, rtol: float) -> None:
         torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
 
 
+def train_steps(model, batch: dict, steps: int, lr: float) -> list:
+    """`steps` AdamW steps (no weight decay) on the parameters that require grad; the losses before each step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def reference_loss(logits, labels, num_items_in_batch=None):
     """The causal-LM loss written out: position t predicts label t+1, -100 is ignored."""
     vocab = logits.shape[-1]
@@ -433,14 +446,7 @@ def test_plain_loop_lowers_loss_and_trains_only_the_adapters(tiny_model_dir):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in trainable} == {id(p) for p in lora_params(model).values()}
 
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(20):
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_steps(model, {**enc, "labels": labels}, steps=20, lr=1e-2)
 
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.25 * losses[0], losses

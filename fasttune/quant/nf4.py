@@ -297,6 +297,15 @@ class NF4Tensor:
     ) -> torch.Tensor:
         return dequantize_nf4(self, dtype, out=out)
 
+    def kernel_statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """(absmax, nested_code, nested_absmax, offset) as the Triton kernels take them: contiguous, and
+        without double quantization the unused pointers get a valid tensor and the offset is 0."""
+        if self.double_quant:
+            return (self.absmax.contiguous(), self.nested_code.contiguous(), self.nested_absmax.contiguous(),
+                    float(self.offset))
+        absmax = self.absmax.contiguous()
+        return absmax, absmax, absmax, 0.0
+
     def linear(self, x2: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x2 (M, in) @ W^T -> (M, out) in `out_dtype` (default x2's): the 4-bit GEMV that reads the packed
         codes, for a few rows on CUDA (decode), else the product with the dequantized weight."""
@@ -544,14 +553,9 @@ def dequantize_nf4_triton(
     data = q.data.contiguous()
     nbytes = data.numel()
     block = 1024 if not interpreting() else 512
-    if q.double_quant:
-        absmax, nested_code, nested_absmax = q.absmax, q.nested_code, q.nested_absmax
-        offset = float(q.offset)
-    else:  # the unused pointers get a valid tensor
-        absmax = nested_code = nested_absmax = q.absmax
-        offset = 0.0
+    absmax, nested_code, nested_absmax, offset = q.kernel_statistics()
     _dequantize_4bit_kernel[(triton.cdiv(nbytes, block),)](
-        data, q.code.contiguous(), absmax.contiguous(), nested_code.contiguous(), nested_absmax.contiguous(),
+        data, q.code.contiguous(), absmax, nested_code, nested_absmax,
         result, nbytes, q.numel, offset,
         BLOCKSIZE=q.blocksize, NESTED_BLOCKSIZE=q.nested_blocksize, DOUBLE_QUANT=q.double_quant,
         EMULATE_RTNE=interpreting(), BLOCK=block, num_warps=4, enable_fp_fusion=False,

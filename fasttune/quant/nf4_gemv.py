@@ -331,15 +331,9 @@ def nf4_gemv(
     cfg = config or gemv_config(M, N, K, q.blocksize, x.device)
     _check_config(cfg)
     hb = min(q.blocksize // 2, cfg.block_kb)
-    if q.double_quant:
-        absmax, nested_code, nested_absmax = q.absmax, q.nested_code, q.nested_absmax
-        offset = float(q.offset)
-    else:  # the unused pointers get a valid tensor
-        absmax = nested_code = nested_absmax = q.absmax
-        offset = 0.0
+    absmax, nested_code, nested_absmax, offset = q.kernel_statistics()
     _nf4_gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
-        x2, q.data.contiguous(), q.code.contiguous(), absmax.contiguous(), nested_code.contiguous(),
-        nested_absmax.contiguous(), out, N, K, x2.stride(0), out.stride(0), offset,
+        x2, q.data.contiguous(), q.code.contiguous(), absmax, nested_code, nested_absmax, out, N, K, x2.stride(0), out.stride(0), offset,
         M=M, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, NB=cfg.block_kb // hb, HB=hb,
         BLOCKSIZE=q.blocksize, NESTED_BLOCKSIZE=q.nested_blocksize, DOUBLE_QUANT=q.double_quant,
         EXACT_PRODUCT=not interpreting(), EMULATE_RTNE=interpreting(),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_nf4 import _bnb  # the same bitsandbytes probe
 
 from fasttune.quant import (
     Int8Tensor,
@@ -202,15 +203,6 @@ def test_matches_bnb_fixture(name):
     assert torch.equal(direct.data[normal], ours[f"{prefix}weight"][normal])
     loaded = int8_from_bnb_state_dict(tensors, prefix)
     assert torch.equal(loaded.dequantize(torch.float32), tensors[f"{prefix}dequant"])
-
-
-def _bnb():
-    try:
-        import bitsandbytes
-        import bitsandbytes.functional
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
-    return bitsandbytes
 
 
 @pytest.mark.skipif(
