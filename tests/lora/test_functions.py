@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
+from kernel_rules import (  # tests/kernel_rules.py (tests/ is on sys.path)
+    assert_no_worse,
+    kernels_runnable,
+)
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
@@ -33,15 +35,6 @@ from fasttune.lora import (
     lora_qkv,
     why_not_fused,
 )
-
-# tests/kernels/kernel_rules.py by its path: putting tests/kernels on sys.path would let `import kernels`
-# elsewhere in the run (benchmarks/kernels.py) resolve to the wrong module
-_spec = importlib.util.spec_from_file_location(
-    "kernel_rules", os.path.join(os.path.dirname(os.path.dirname(__file__)), "kernels", "kernel_rules.py")
-)
-_rules = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_rules)
-assert_no_worse, kernels_runnable = _rules.assert_no_worse, _rules.kernels_runnable
 
 act = importlib.import_module("fasttune.kernels.activations")
 lora_functions = importlib.import_module("fasttune.lora.functions")

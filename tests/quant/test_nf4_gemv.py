@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import pytest
 import torch
+from kernel_rules import (  # tests/kernel_rules.py (tests/ is on sys.path)
+    assert_no_worse,
+    kernels_runnable,
+)
 
 from fasttune.lora import lora_linear
 from fasttune.quant.linear import QuantLinear
@@ -29,15 +32,6 @@ from fasttune.quant.nf4_gemv import (
     use_nf4_gemv,
 )
 
-# tests/kernels/kernel_rules.py by its path (tests/kernels on sys.path would shadow benchmarks/kernels.py)
-_spec = importlib.util.spec_from_file_location(
-    "kernel_rules", os.path.join(os.path.dirname(os.path.dirname(__file__)), "kernels", "kernel_rules.py")
-)
-_rules = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_rules)
-assert_no_worse, kernels_runnable = _rules.assert_no_worse, _rules.kernels_runnable
-
-gemv_module = importlib.import_module("fasttune.quant.nf4_gemv")
 gemv_module = importlib.import_module("fasttune.quant.nf4_gemv")
 
 needs_kernels = pytest.mark.skipif(
