@@ -65,7 +65,8 @@ import common  # noqa: E402
 
 BENCHMARK = "kernels"
 SHAPES = ("llama-8b", "gemma2-2b")
-OPS = ("rms_norm", "swiglu", "geglu_tanh", "rope", "cross_entropy", "fused_linear_ce", "fused_linear_ce_dw")
+OPS = ("rms_norm", "swiglu", "geglu_tanh", "rope", "cross_entropy", "fused_linear_ce", "fused_linear_ce_dw",
+       "nf4_dequantize", "nf4_gemv")
 IMPLS = ("eager", "fasttune", "compile", "liger", "logits")  # eager first: its error sets the tolerance
 BATCH = {"full": (2, 4096), "tiny": (2, 16)}
 TIMING = {"full": {"warmup_ms": 25, "rep_ms": 100, "min_calls": 5, "max_calls": 200},
@@ -86,8 +87,9 @@ class Skip(Exception):
 
 
 def _kernel(module: str, name: str):
-    """The function as the module defines it now (looked up at every call, so a test can replace it)."""
-    return getattr(importlib.import_module(f"fasttune.kernels.{module}"), name)
+    """The function as the module defines it now (looked up at every call, so a test can replace it);
+    `module` is a name in fasttune.kernels or a full module path."""
+    return getattr(importlib.import_module(module if "." in module else f"fasttune.kernels.{module}"), name)
 
 
 def _liger(module: str, name: str):
@@ -385,10 +387,93 @@ class FusedLinearCE(Op):
         return {"forward": mm, "fwd+bwd": (3 if self.weight_grad else 2) * mm}
 
 
+class _NF4(Op):
+    """Forward-only ops on the MLP's (intermediate x hidden) up-projection weight, stored as NF4 with double
+    quantization (fasttune.quant.nf4); the inputs are the format's tensors, the references its torch paths."""
+
+    target_modes = ("forward",)
+
+    def make(self, gen, device, dtype):
+        from fasttune.quant.nf4 import quantize_nf4
+
+        # a CPU run (the harness's smoke test, kernels in Triton's interpreter) takes the first rows only
+        rows = self.d["intermediate"] if device.type == "cuda" else min(self.d["intermediate"], 64)
+        w = _randn(gen, (rows, self.d["hidden"]), device, dtype, 0.02)
+        q = quantize_nf4(w)
+        out = {"data": q.data, "absmax": q.absmax, "code": q.code, "nested_absmax": q.nested_absmax,
+               "nested_code": q.nested_code}
+        self.meta = {"shape": q.shape, "dtype": q.dtype, "offset": q.offset}
+        return out
+
+    def weight(self, t):
+        from fasttune.quant.nf4 import NF4Tensor
+
+        return NF4Tensor(t["data"], self.meta["shape"], self.meta["dtype"], t["absmax"], t["code"],
+                         offset=self.meta["offset"], nested_absmax=t["nested_absmax"], nested_code=t["nested_code"])
+
+    def packed_bytes(self, t) -> int:
+        return _nbytes(t["data"], t["absmax"], t["nested_absmax"])
+
+    def weights(self, t) -> int:
+        return 2 * t["data"].numel()
+
+
+class NF4Dequantize(_NF4):
+    name = "nf4_dequantize"
+
+    def variant(self):
+        return f"{self.d['intermediate']} x {self.d['hidden']} -> bf16"
+
+    def reference(self):
+        return _kernel("fasttune.quant.nf4", "dequantize_nf4_reference")
+
+    def public(self):
+        return _kernel("fasttune.quant.nf4", "dequantize_nf4")
+
+    def call(self, fn, t):
+        return fn(self.weight(t), self.meta["dtype"])
+
+    def oracle(self, t32):
+        return _kernel("fasttune.quant.nf4", "dequantize_nf4_reference")(self.weight(t32), torch.float32)
+
+    def traffic(self, t):
+        return {"forward": self.packed_bytes(t) + 2 * self.weights(t)}
+
+
+class NF4Gemv(_NF4):
+    """Batch-1 decode through the up-projection: x (1, hidden) @ W^T, reading the packed codes."""
+
+    name = "nf4_gemv"
+
+    def variant(self):
+        return f"1 x {self.d['hidden']} @ ({self.d['intermediate']} x {self.d['hidden']})^T"
+
+    def make(self, gen, device, dtype):
+        out = super().make(gen, device, dtype)
+        out["x"] = _randn(gen, (1, self.d["hidden"]), device, dtype)
+        return out
+
+    def reference(self):
+        return lambda x, q: x @ q.dequantize(x.dtype).t()
+
+    def public(self):
+        return _kernel("fasttune.quant.nf4_gemv", "nf4_gemv")
+
+    def call(self, fn, t):
+        return fn(t["x"], self.weight(t))
+
+    def oracle(self, t32):
+        return _kernel("fasttune.quant.nf4_gemv", "nf4_gemv_reference")(t32["x"], self.weight(t32))
+
+    def traffic(self, t):
+        return {"forward": self.packed_bytes(t) + _nbytes(t["x"]) + 2 * self.weights(t) // self.d["hidden"]}
+
+
 def ops_for(dims: dict, wanted) -> list[Op]:
     act = dims["activation"]
     glu = GLU(dims, act, "swiglu") if act in ("silu", "swish") else GLU(dims, act, "geglu_tanh")
-    ops = [RMSNorm(dims), glu, Rope(dims), CrossEntropy(dims), FusedLinearCE(dims, False), FusedLinearCE(dims, True)]
+    ops = [RMSNorm(dims), glu, Rope(dims), CrossEntropy(dims), FusedLinearCE(dims, False), FusedLinearCE(dims, True),
+           NF4Dequantize(dims), NF4Gemv(dims)]
     return [op for op in ops if op.name in wanted]
 
 
@@ -504,7 +589,8 @@ class Runner:
         self.args, self.device, self.machine = args, device, machine
         self.timing = dict(TIMING["quick" if args.quick else "full"])
         if device.type != "cuda":
-            self.timing = {"calls": 3}
+            # a CPU run is a smoke test of the harness (Triton kernels run in the interpreter there): one timed call
+            self.timing = {"calls": 1}
         self.t0 = time.perf_counter()
         self.cuda_broken = None
 
@@ -555,7 +641,7 @@ class Runner:
         # for a (b, s, h, d)-laid-out output would time a transposing read the model never does)
         dys = [torch.ones_like(o, dtype=dtype) if o.dim() == 0 else _in_layout(o, _randn(gen, o.shape, dev, dtype))
                for o in want]
-        want_grads = torch.autograd.grad(want, [t32[n] for n in op.diff], [d.float() for d in dys])
+        want_grads = torch.autograd.grad(want, [t32[n] for n in op.diff], [d.float() for d in dys]) if op.diff else ()
         want = [w.detach() for w in want]
         del t32
         eager_errs: dict = {}
@@ -599,7 +685,8 @@ class Runner:
         got = _tuple(fn(t))
         if len(got) != len(want):
             raise ValueError(f"{len(got)} outputs where the reference has {len(want)}")
-        grads = torch.autograd.grad(got, [t[n] for n in op.diff], _ups(dys, got), allow_unused=True)
+        grads = torch.autograd.grad(got, [t[n] for n in op.diff], _ups(dys, got), allow_unused=True) if op.diff \
+            else ()
         _sync(dev)
         rec["first_call_s"] = round(time.perf_counter() - t_build, 2)  # includes compiling / Triton's JIT
         errors, tols = {}, {}
@@ -624,7 +711,7 @@ class Runner:
             rec["error"] = "wrong result: " + ", ".join(f"{k} error {e:.3g} > {tols[k]:.3g}" for k, e in bad.items())
             print(f"[kernels] {op.name}: {rec['error']}", file=sys.stderr, flush=True)
             return errors
-        for mode in ("forward", "fwd+bwd"):
+        for mode in ("forward", "fwd+bwd") if op.diff else ("forward",):  # forward-only ops have no backward
             call = _closure(fn, _fresh(base, op.diff), op.diff, [d.clone() for d in dys], mode)
             ms = time_ms(call, dev, self.timing)
             rec[mode] = {"ms": round(ms, 4), **memory_mb(call, dev)}
@@ -725,8 +812,9 @@ def summary_line(shape: str, cases: list) -> str:
     for c in cases:
         ft = c["impls"].get("fasttune", {})
         if ft.get("status") == "ok":
-            x = ft.get("speedup_vs_eager", {}).get("fwd+bwd")
-            parts.append(f"{c['op']} {ft['fwd+bwd']['ms']:.3f} ms" + (f" ({x:.2f}x eager)" if x else ""))
+            mode = "fwd+bwd" if "fwd+bwd" in ft else "forward"  # forward-only ops (nf4) have no backward
+            x = ft.get("speedup_vs_eager", {}).get(mode)
+            parts.append(f"{c['op']} {ft[mode]['ms']:.3f} ms" + (f" ({x:.2f}x eager)" if x else ""))
         else:
             parts.append(f"{c['op']} {ft.get('status', c.get('error', '?'))}")
     return f"[kernels] {shape}: " + "; ".join(parts)

@@ -362,7 +362,7 @@ def kernels_table(runs: dict) -> str:
         for name in sorted(case.get("impls", {}), key=lambda n: _order(IMPL_ORDER, n)):
             r = case["impls"][name]
             fwd, fb = r.get("forward") or {}, r.get("fwd+bwd") or {}
-            x = (r.get("speedup_vs_eager") or {}).get("fwd+bwd")
+            x = _whole_call_speedup(r)
             chk = r.get("check") or {}
             ratios = [e / t for k, t in chk.get("tolerances", {}).items()
                       if isinstance(e := chk.get("errors", {}).get(k), (int, float)) and t]
@@ -370,8 +370,15 @@ def kernels_table(runs: dict) -> str:
             impl = f"**{name}**" if name == "fasttune" else name
             lines.append(f"| {rec['shape']} | {op} | {impl} | {_fmt(fwd.get('ms'), '.3f')} | {_fmt(fb.get('ms'), '.3f')} | "
                          f"{_fmt(x, '.2f')} | {_throughput(case, fwd or None)} | {_throughput(case, r.get('backward'))} | "
-                         f"{_throughput(case, fb or None)} | {_fmt(fb.get('peak_mb'), ',.0f')} | {err} | {_kernel_note(r)} |")
+                         f"{_throughput(case, fb or None)} | {_fmt((fb or fwd).get('peak_mb'), ',.0f')} | {err} | "
+                         f"{_kernel_note(r)} |")
     return "\n".join(lines)
+
+
+def _whole_call_speedup(r: dict):
+    """Speed-up over eager of the whole call: fwd+bwd, or the forward of a forward-only op (nf4)."""
+    x = r.get("speedup_vs_eager") or {}
+    return x.get("fwd+bwd") if "fwd+bwd" in r else x.get("forward")
 
 
 def kernel_targets_table(runs: dict) -> str:
@@ -398,7 +405,7 @@ def kernels_chart(runs: dict, path: Path, title: str) -> Path | None:
     impls = [n for n in IMPL_ORDER if any(n in c.get("impls", {}) for _, c in rows)]
 
     def speedup(c, r):
-        return (r.get("speedup_vs_eager") or {}).get("fwd+bwd")
+        return _whole_call_speedup(r)
 
     def frac(mode):
         def get(c, r):
@@ -407,7 +414,7 @@ def kernels_chart(runs: dict, path: Path, title: str) -> Path | None:
         return get
 
     def peak(c, r):
-        return (r.get("fwd+bwd") or {}).get("peak_mb", 0) / 1024 or None
+        return (r.get("fwd+bwd") or r.get("forward") or {}).get("peak_mb", 0) / 1024 or None
 
     panels = [(speedup, "fwd+bwd speed-up over eager (×)", 1.0), (frac("forward"), "forward: fraction of copy BW", 0.8),
               (frac("backward"), "backward (loss: fwd+bwd): fraction of copy BW", 0.8), (peak, "fwd+bwd peak GB", None)]

@@ -26,8 +26,10 @@ _spec.loader.exec_module(kernels)
 from fasttune import bench  # noqa: E402
 
 TINY = ["--size", "tiny", "--device", "cpu"]
-OPS = {"llama-8b-tiny": ["rms_norm", "swiglu", "rope", "cross_entropy", "fused_linear_ce", "fused_linear_ce_dw"],
-       "gemma2-2b-tiny": ["rms_norm", "geglu_tanh", "rope", "cross_entropy", "fused_linear_ce", "fused_linear_ce_dw"]}
+NF4_OPS = ["nf4_dequantize", "nf4_gemv"]  # forward only: nothing in them trains
+OPS = {"llama-8b-tiny": ["rms_norm", "swiglu", "rope", "cross_entropy", "fused_linear_ce", "fused_linear_ce_dw", *NF4_OPS],
+       "gemma2-2b-tiny": ["rms_norm", "geglu_tanh", "rope", "cross_entropy", "fused_linear_ce", "fused_linear_ce_dw",
+                          *NF4_OPS]}
 
 
 def _runs(root: Path) -> tuple[Path, dict]:
@@ -67,14 +69,20 @@ def test_every_op_and_implementation_is_recorded(tiny_run):
                 assert r["status"] == "ok", (shape, case["op"], name, r)
                 assert r["check"]["ok"] and set(r["check"]["errors"]) == set(r["check"]["tolerances"])
                 assert all(r["check"]["errors"][k] <= r["check"]["tolerances"][k] for k in r["check"]["errors"])
-                assert r["forward"]["ms"] > 0 and r["fwd+bwd"]["ms"] > 0 and "ms" in r["backward"]
+                assert r["forward"]["ms"] > 0
+                if case["op"] in NF4_OPS:
+                    assert "fwd+bwd" not in r and "backward" not in r and "forward" in r["speedup_vs_eager"]
+                    continue
+                assert r["fwd+bwd"]["ms"] > 0 and "ms" in r["backward"]
                 assert r["speedup_vs_eager"]["fwd+bwd"] > 0
             # every output and every gradient is checked
             diff = {"rms_norm": 2, "swiglu": 2, "geglu_tanh": 2, "rope": 2, "cross_entropy": 1, "fused_linear_ce": 1,
-                    "fused_linear_ce_dw": 2}[case["op"]]
+                    "fused_linear_ce_dw": 2, "nf4_dequantize": 0, "nf4_gemv": 0}[case["op"]]
             outs = 2 if case["op"] == "rope" else 1
             assert len(impls["fasttune"]["check"]["errors"]) == diff + outs
-            if case["memory_bound"]:
+            if case["op"] in NF4_OPS:
+                assert case["target_modes"] == ["forward"] and set(case["bytes"]) == {"forward"}
+            elif case["memory_bound"]:
                 assert case["bytes"]["forward"] > 0 and case["bytes"]["fwd+bwd"] > case["bytes"]["forward"]
                 assert impls["fasttune"]["forward"]["gbs"] > 0
             else:
@@ -94,6 +102,13 @@ def test_minimal_traffic_counts(tiny_run):
     assert cases["cross_entropy"]["bytes"]["fwd+bwd"] == 2 * 2 * t * d["vocab"] + 8 * t
     assert cases["fused_linear_ce"]["flops"] == {"forward": 2 * t * d["vocab"] * h, "fwd+bwd": 4 * t * d["vocab"] * h}
     assert cases["fused_linear_ce_dw"]["flops"]["fwd+bwd"] == 6 * t * d["vocab"] * h
+    # NF4 with double quantization: half a byte per weight, a uint8 absmax per 64 and an fp32 one per 256 blocks
+    rows = cases["nf4_gemv"]["inputs"]["data"][0][0] * 2 // h  # a CPU run quantizes the first rows only
+    assert 0 < rows <= inter
+    n = rows * h
+    packed = n // 2 + -(-n // 64) + 4 * -(-n // (64 * 256))
+    assert cases["nf4_dequantize"]["bytes"] == {"forward": packed + 2 * n}
+    assert cases["nf4_gemv"]["bytes"] == {"forward": packed + 2 * h + 2 * rows}
 
 
 def test_wrong_or_raising_kernel_is_an_error_not_a_time(tmp_path, monkeypatch):
