@@ -6,7 +6,7 @@ Gemma-2-2B sizes under each candidate configuration and prints one JSON line per
 that the defaults in fasttune/kernels/ can be chosen from numbers. The committed benchmark is
 benchmarks/kernels.py.
 
-    python3 scripts/kernel_sweep.py [--only rms_norm,rope,ce,flce] > sweep.jsonl
+    python3 scripts/kernel_sweep.py [--only rms_norm,rope,ce,flce,nf4] > sweep.jsonl
 """
 
 from __future__ import annotations
@@ -188,14 +188,60 @@ def sweep_flce(copy):
                  scale=truth[i].abs().max().item())
 
 
+SWEPT_GEMV_SHAPES = ("1b-qkvo", "1b-up", "8b-down")
+
+
+def sweep_nf4(copy):
+    """NF4 dequantize (default launch) and the decode GEMV over its GemvConfig space, batch 1 and 8, at the
+    projection shapes of Llama-3.2-1B and Llama-3.1-8B; bandwidth over the packed bytes actually read."""
+    from fasttune.quant.nf4 import quantize_nf4
+    from fasttune.quant.nf4_gemv import GemvConfig, gemv_config, nf4_gemv
+
+    shapes = {"1b-qkvo": (2048, 2048), "1b-kv": (512, 2048), "1b-up": (8192, 2048), "1b-down": (2048, 8192),
+              "8b-q": (4096, 4096), "8b-up": (14336, 4096), "8b-down": (4096, 14336)}
+    for name, (n, k) in shapes.items():
+        q = quantize_nf4(torch.randn(n, k, device=DEV, dtype=BF16) * 0.02)
+        packed = q.data.numel() + q.absmax.numel() + 4 * q.nested_absmax.numel()
+        out = torch.empty(n, k, device=DEV, dtype=BF16)
+        t = bench(lambda: q.dequantize(BF16, out=out))
+        emit(kernel="nf4_dequantize", shape=name, ms=t, bw=(packed + 2 * n * k) / t / 1e6 / copy)
+        for m in (1, 8):
+            x = torch.randn(m, k, device=DEV, dtype=BF16)
+            default = gemv_config(m, n, k, q.blocksize, x.device)
+            t = bench(lambda: nf4_gemv(x, q))
+            emit(kernel="nf4_gemv", shape=name, M=m, config="default", block_n=default.block_n,
+                 block_kb=default.block_kb, warps=default.num_warps, ms=t, bw=packed / t / 1e6 / copy)
+            if m != 1 or name not in SWEPT_GEMV_SHAPES:
+                continue  # each config compiles (~1 s): the full space only where decode spends its time
+            for bn in (1, 2, 4):
+                for kb in (512, 1024, 2048):
+                    if kb > k // 2:
+                        continue
+                    for nw in (2, 4, 8):
+                        for stages in (1, 2):
+                            cfg = GemvConfig(bn, kb, nw, stages)
+                            try:
+                                t = bench(lambda: nf4_gemv(x, q, config=cfg))
+                            except Exception as err:  # noqa: BLE001 - a config the compiler refuses is a data point
+                                emit(kernel="nf4_gemv", shape=name, M=m, block_n=bn, block_kb=kb, warps=nw,
+                                     stages=stages, error=str(err)[:200])
+                                continue
+                            emit(kernel="nf4_gemv", shape=name, M=m, block_n=bn, block_kb=kb, warps=nw, stages=stages,
+                                 ms=t, bw=packed / t / 1e6 / copy)
+        # the matmul it replaces in decode: dequantize into a buffer, then multiply
+        x = torch.randn(1, k, device=DEV, dtype=BF16)
+        t = bench(lambda: x @ q.dequantize(BF16, out=out).t())
+        emit(kernel="nf4_dequant_matmul", shape=name, M=1, ms=t)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="rms_norm,rope,ce,flce")
+    ap.add_argument("--only", default="rms_norm,rope,ce,flce,nf4")
     args = ap.parse_args()
     copy = copy_gbs()
     emit(kernel="copy", gbs=copy)
     for part in args.only.split(","):
-        {"rms_norm": sweep_rms_norm, "rope": sweep_rope, "ce": sweep_ce, "flce": sweep_flce}[part](copy)
+        {"rms_norm": sweep_rms_norm, "rope": sweep_rope, "ce": sweep_ce, "flce": sweep_flce, "nf4": sweep_nf4}[part](copy)
 
 
 if __name__ == "__main__":
