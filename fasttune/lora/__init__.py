@@ -20,6 +20,7 @@ from .functions import (
 )
 from .modules import (
     QUANT_WEIGHT_ATTRS,
+    base_bias,
     lora_projection,
     lora_projections,
     quant_weight,
@@ -29,6 +30,7 @@ from .modules import (
 __all__ = [
     "MLP_ACTIVATIONS",
     "QUANT_WEIGHT_ATTRS",
+    "base_bias",
     "LoRAProjection",
     "dense_weight",
     "is_quant_weight",

@@ -28,6 +28,7 @@ from .functions import LoRAProjection, is_quant_weight
 
 __all__ = [
     "QUANT_WEIGHT_ATTRS",
+    "base_bias",
     "lora_projection",
     "lora_projections",
     "quant_weight",
@@ -53,12 +54,14 @@ def _hooked(module: nn.Module) -> bool:
     )
 
 
-def _base(module: nn.Module):
-    """(weight, None) for an eligible base layer, else (None, reason)."""
+def _base(module: nn.Module, allow_bias: bool = False):
+    """(weight, None) for an eligible base layer, else (None, reason). With `allow_bias`, a frozen bias is
+    accepted: the caller adds `base_bias(module)` itself."""
     if _hooked(module):
         return None, f"{type(module).__name__} has forward hooks"
-    if getattr(module, "bias", None) is not None:
-        return None, f"{type(module).__name__} has a bias"
+    bias = getattr(module, "bias", None)
+    if bias is not None and (not allow_bias or bias.requires_grad):
+        return None, f"{type(module).__name__} has a {'trainable ' if allow_bias else ''}bias"
     qw = quant_weight(module)
     if qw is not None:
         if len(tuple(qw.shape)) != 2:
@@ -80,7 +83,7 @@ def _base(module: nn.Module):
     return module.weight, None
 
 
-def _inspect(module: nn.Module):
+def _inspect(module: nn.Module, allow_bias: bool = False):
     """(LoRAProjection, None) or (None, reason)."""
     try:
         from peft.tuners.lora import Linear as LoraLinear
@@ -93,7 +96,7 @@ def _inspect(module: nn.Module):
                 None,
                 f"{type(module).__name__} is an adapter layer other than peft.tuners.lora.Linear",
             )
-        weight, reason = _base(module)
+        weight, reason = _base(module, allow_bias)
         return (
             (None, reason)
             if weight is None
@@ -110,7 +113,7 @@ def _inspect(module: nn.Module):
         return None, "adapters are merged into the base weight"
     if getattr(module, "fan_in_fan_out", False):
         return None, "fan_in_fan_out is set"
-    weight, reason = _base(module.get_base_layer())
+    weight, reason = _base(module.get_base_layer(), allow_bias)
     if weight is None:
         return None, reason
 
@@ -159,22 +162,30 @@ def _inspect(module: nn.Module):
     return LoRAProjection(weight, A, B, float(module.scaling[name])), None
 
 
-def lora_projection(module: nn.Module) -> LoRAProjection | None:
-    """(weight, A, B, scaling) for the fused functions, or None when `module` must run its own forward."""
-    return _inspect(module)[0]
+def lora_projection(module: nn.Module, allow_bias: bool = False) -> LoRAProjection | None:
+    """(weight, A, B, scaling) for the fused functions, or None when `module` must run its own forward.
+    `allow_bias=True` also accepts a base layer with a frozen bias, which the caller then adds
+    (`base_bias`): the projection itself never includes it."""
+    return _inspect(module, allow_bias)[0]
 
 
-def lora_projections(*modules: nn.Module) -> list[LoRAProjection] | None:
+def lora_projections(*modules: nn.Module, allow_bias: bool = False) -> list[LoRAProjection] | None:
     """All of `modules` as projections, or None if any one is not eligible (a fused MLP or QKV needs all)."""
     out = []
     for m in modules:
-        p = lora_projection(m)
+        p = lora_projection(m, allow_bias)
         if p is None:
             return None
         out.append(p)
     return out
 
 
-def why_not_fused(module: nn.Module) -> str | None:
-    """Why `lora_projection(module)` is None, or None when it is eligible."""
-    return _inspect(module)[1]
+def base_bias(module: nn.Module):
+    """The bias of `module`'s base layer (of the module itself when it is not an adapter layer), or None."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return getattr(base, "bias", None)
+
+
+def why_not_fused(module: nn.Module, allow_bias: bool = False) -> str | None:
+    """Why `lora_projection(module, allow_bias)` is None, or None when it is eligible."""
+    return _inspect(module, allow_bias)[1]

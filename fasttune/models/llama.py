@@ -22,12 +22,29 @@ from types import MethodType
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+)
 
-from ..kernels import apply_rope, attention, causal_lm_loss, glu_activation, rms_norm, rope_cos_sin
-from ..kernels.fused_linear_ce import fused_lm_head_loss
+from ..kernels import (
+    apply_rope,
+    attention,
+    causal_lm_loss,
+    glu_activation,
+    rms_norm,
+    rope_cos_sin,
+)
 from ..kernels.activations import SUPPORTED_ACTIVATIONS
-from ..lora import lora_mlp, lora_o, lora_projections, lora_qkv, why_not_fused
+from ..kernels.fused_linear_ce import fused_lm_head_loss
+from ..lora import (
+    base_bias,
+    lora_mlp,
+    lora_o,
+    lora_projections,
+    lora_qkv,
+    why_not_fused,
+)
 from .rope import rope_inv_freq
 
 
@@ -245,15 +262,16 @@ _FUSED_LORA = os.environ.get("FASTTUNE_FUSED_LORA", "1") not in ("", "0", "false
 _unfused_noted: set = set()
 
 
-def _fusable(*modules):
+def _fusable(*modules, allow_bias: bool = False):
     """The modules' (weight, A, B, scaling) projections when all can be fused, else None (and, for an
-    adapter layer that cannot be, a one-time notice of why)."""
+    adapter layer that cannot be, a one-time notice of why). With `allow_bias`, frozen base biases are
+    accepted and the caller adds them."""
     if not _FUSED_LORA:
         return None
-    projs = lora_projections(*modules)
+    projs = lora_projections(*modules, allow_bias=allow_bias)
     if projs is None:
         for m in modules:
-            reason = why_not_fused(m)
+            reason = why_not_fused(m, allow_bias)
             if reason and hasattr(m, "lora_A") and reason not in _unfused_noted:
                 _unfused_noted.add(reason)
                 print(f"fasttune: LoRA layers run through PEFT's own forward here ({reason})", flush=True)
@@ -263,9 +281,10 @@ def _fusable(*modules):
 def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, layer_idx: int):
     b, s, _ = x.shape
     hd = state.head_dim
-    qkv = _fusable(attn.q_proj, attn.k_proj, attn.v_proj)
+    modules = (attn.q_proj, attn.k_proj, attn.v_proj)
+    qkv = _fusable(*modules, allow_bias=True)  # Qwen2's q/k/v carry (frozen) biases
     if qkv is not None:
-        q, k, v = lora_qkv(x, *qkv)
+        q, k, v = (y if b is None else y + b for y, b in zip(lora_qkv(x, *qkv), map(base_bias, modules)))
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     q = q.view(b, s, -1, hd)

@@ -37,15 +37,18 @@ def _peft(model_dir, dropout=0.0, load_in_4bit=False):
     return peft.train()
 
 
-@pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_eligible_layers_run_fused_and_match_peft(tiny_model_dir, monkeypatch, load_in_4bit):
-    model_dir = tiny_model_dir("llama")
+@pytest.mark.parametrize("family, load_in_4bit", [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)])
+def test_eligible_layers_run_fused_and_match_peft(tiny_model_dir, monkeypatch, family, load_in_4bit):
+    """Qwen2's q/k/v carry frozen biases, which the fused path adds after the projections."""
+    model_dir = tiny_model_dir(family)
     batch = uneven_batch(1000, rows=3, length=14)
     results = {}
     for fused in (True, False):
         monkeypatch.setattr(llama, "_FUSED_LORA", fused)
         counts = _counting(monkeypatch)
         peft = _peft(model_dir, load_in_4bit=load_in_4bit)
+        if family == "qwen2":
+            assert peft.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer().bias is not None
         loss = peft(**batch).loss
         loss.backward()
         layers = peft.config.num_hidden_layers
@@ -68,3 +71,16 @@ def test_dropout_falls_back_to_peft_with_one_notice(tiny_model_dir, monkeypatch,
     assert counts == {"qkv": 0, "o": 0, "mlp": 0}
     notices = [line for line in capsys.readouterr().out.splitlines() if "PEFT's own forward" in line]
     assert len(notices) == 1 and "dropout" in notices[0], notices
+
+
+def test_a_frozen_base_bias_is_left_to_the_caller_only_when_asked():
+    from torch import nn
+
+    from fasttune.lora import base_bias, lora_projection, why_not_fused
+
+    layer = nn.Linear(8, 4).requires_grad_(False)
+    assert lora_projection(layer) is None and "bias" in why_not_fused(layer)
+    proj = lora_projection(layer, allow_bias=True)
+    assert proj is not None and proj.weight is layer.weight and base_bias(layer) is layer.bias
+    layer.bias.requires_grad_(True)  # a bias that trains needs the module's own forward
+    assert lora_projection(layer, allow_bias=True) is None and "trainable bias" in why_not_fused(layer, True)
