@@ -361,9 +361,14 @@ class FastLanguageModel:
 
     @staticmethod
     def for_training(model, use_gradient_checkpointing=True):
-        """Training mode with checkpointing as asked, right padding for training batches."""
+        """Training mode with checkpointing as asked, right padding for training batches. True keeps the
+        kind of checkpointing chosen earlier (offloaded after use_gradient_checkpointing="unsloth")."""
         model.train()
-        set_gradient_checkpointing(model, checkpoint_mode(use_gradient_checkpointing))
+        mode = checkpoint_mode(use_gradient_checkpointing)
+        state = fast_state(model)
+        if mode == "recompute" and state is not None and state.gradient_checkpointing == "offload":
+            mode = "offload"
+        set_gradient_checkpointing(model, mode)
         tokenizer = _tokenizer_of(model)
         if tokenizer is not None:
             tokenizer.padding_side = "right"

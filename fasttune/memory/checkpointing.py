@@ -1,29 +1,39 @@
 """Gradient checkpointing modes.
 
-fasttune's owned forward checkpoints each decoder layer itself (non-reentrant recompute), so it works
-with frozen base weights without forcing the inputs to require grad. The offloaded kind, which parks
-the saved layer inputs in pinned CPU memory, is a later feature; until then "unsloth"/"fasttune"
-mean recompute checkpointing.
+fasttune's owned forward checkpoints each decoder layer itself, so it works with frozen base weights
+without forcing the inputs to require grad:
+- True: recompute checkpointing (torch's non-reentrant checkpoint); the layer inputs stay on the GPU;
+- "unsloth" / "fasttune": the same, with each layer input parked in pinned host memory until the
+  backward (memory/offload.py) on CUDA; on a CPU there is nowhere cheaper to park it, so it recomputes.
+  FASTTUNE_OFFLOAD_CHECKPOINTS=0 makes these recompute on CUDA too.
 """
 
 from __future__ import annotations
 
-_ON = (True, "unsloth", "fasttune")
+import os
+
+_OFFLOADED = ("unsloth", "fasttune")
 _OFF = (False, None)
 
 
-def checkpoint_mode(value) -> bool:
-    if value in _ON:
-        return True
+def checkpoint_mode(value):
+    """False, "recompute" or "offload" for a use_gradient_checkpointing value."""
+    if value is True:
+        return "recompute"
+    if isinstance(value, str) and value in _OFFLOADED:
+        return "offload" if os.environ.get("FASTTUNE_OFFLOAD_CHECKPOINTS", "1") not in ("0", "false", "False") \
+            else "recompute"
     if value in _OFF:
         return False
+    if value in ("recompute", "offload"):  # a mode read back from a model
+        return value
     raise ValueError(
         f"use_gradient_checkpointing={value!r} is not a known mode; use True, False, 'unsloth' or 'fasttune'"
     )
 
 
-def set_gradient_checkpointing(model, enabled: bool) -> None:
-    """Turn checkpointing on or off for a (possibly PEFT-wrapped) model."""
+def set_gradient_checkpointing(model, enabled) -> None:
+    """Turn checkpointing on (a mode from checkpoint_mode) or off for a (possibly PEFT-wrapped) model."""
     from ..models import fast_state
 
     state = fast_state(model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from types import MethodType
 
 import torch
@@ -45,6 +46,7 @@ from ..lora import (
     lora_qkv,
     why_not_fused,
 )
+from ..memory.offload import offload_applies, offloaded_checkpoint
 from .rope import rope_inv_freq
 
 
@@ -78,7 +80,7 @@ class FastState:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     embed_scale: float | None = None  # applied here only when the embedding module does not
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # False, "recompute" or "offload" (memory/checkpointing.py)
     _on_device: dict = field(default_factory=dict)
 
     def inv_freq_on(self, key, device: torch.device) -> torch.Tensor:
@@ -373,7 +375,11 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
     hidden = inputs_embeds
     all_hidden = [hidden] if output_hidden_states else None
     for idx, layer in enumerate(base.layers):
-        if checkpointing and (state.gradient_checkpointing or getattr(layer, "gradient_checkpointing", False)):
+        mode = state.gradient_checkpointing or getattr(layer, "gradient_checkpointing", False)
+        if checkpointing and mode == "offload" and offload_applies(hidden):
+            hidden = offloaded_checkpoint(partial(decoder_layer_forward, layer, ctx=ctx, state=state, cache=None,
+                                                  layer_idx=idx), hidden, idx)
+        elif checkpointing and mode:
             hidden = checkpoint(decoder_layer_forward, layer, hidden, ctx, state, None, idx, use_reentrant=False)
         else:
             hidden = decoder_layer_forward(layer, hidden, ctx, state, cache, idx)

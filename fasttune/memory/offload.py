@@ -1,0 +1,103 @@
+"""Offloaded gradient checkpointing: a decoder layer's input waits for the backward in host memory.
+
+Plain (recompute) checkpointing keeps one tensor per layer on the GPU between forward and backward:
+the layer's input, (batch, seq, hidden) in the compute dtype, 32 MB per layer for Llama-8B at 2 x 2048
+tokens, about 1 GB over 32 layers. Offloading moves each of those to pinned host memory as soon as the
+layer has read it, and brings it back when the backward reaches the layer:
+
+    forward   h_out = layer(h_in)                 without a graph; h_in -> pinned host buffer
+    backward  h_in  = host buffer -> GPU           recompute h_out = layer(h_in) with a graph,
+              backward through it with the incoming gradient; return d h_in
+
+The device-to-host copy runs on a side stream, after an event on the compute stream, so it overlaps the
+next layers' kernels; `record_stream` keeps the GPU input alive until the copy is done. Host buffers
+are pinned once per (layer, shape, dtype) and reused by every step: pinning is slow, and the next
+step's forward only overwrites a buffer after this step's backward has read it (the copy back is
+ordered on the compute stream before anything the next forward enqueues).
+
+This is reentrant checkpointing (the backward calls `torch.autograd.backward` on the recomputed layer,
+and the parameters' gradients accumulate into `.grad`): use `loss.backward()`, as the trainers do.
+`torch.autograd.grad` cannot see those parameter gradients: torch refuses it (the parameters are not
+in the outer graph), and a call that reaches the backward anyway is refused there. The RNG state and the
+autocast state of the forward are restored for the recompute, so dropout masks and matmul dtypes
+repeat exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Tests set this to run the offloading path on CPU tensors too (there the "host copy" is a clone).
+OFFLOAD_CPU_TENSORS = False
+
+_host_buffers: dict = {}
+_streams: dict = {}
+
+
+def offload_applies(hidden: torch.Tensor) -> bool:
+    return hidden.is_cuda or OFFLOAD_CPU_TENSORS
+
+
+def _side_stream(device: torch.device):
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device=device)
+    return _streams[device]
+
+
+def _to_host(hidden: torch.Tensor, slot) -> torch.Tensor:
+    if not hidden.is_cuda:
+        return hidden.detach().clone()
+    key = (slot, hidden.shape, hidden.dtype)
+    buf = _host_buffers.get(key)
+    if buf is None:
+        buf = _host_buffers[key] = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+    stream = _side_stream(hidden.device)
+    stream.wait_stream(torch.cuda.current_stream(hidden.device))
+    with torch.cuda.stream(stream):
+        buf.copy_(hidden.detach(), non_blocking=True)
+    hidden.record_stream(stream)
+    return buf
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, slot, hidden, grad_anchor):
+        device = hidden.device
+        ctx.run, ctx.device, ctx.dtype = run, device, hidden.dtype
+        ctx.input_requires_grad = hidden.requires_grad
+        ctx.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        ctx.host = _to_host(hidden, slot)
+        with torch.no_grad():
+            return run(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not torch.autograd._is_checkpoint_valid():
+            raise RuntimeError(
+                "offloaded gradient checkpointing works with loss.backward() only (the layers' parameter "
+                "gradients accumulate into .grad); use use_gradient_checkpointing=True for torch.autograd.grad"
+            )
+        hidden = ctx.host.to(ctx.device, non_blocking=True).detach().requires_grad_(ctx.input_requires_grad)
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        enabled, dtype = ctx.autocast
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                out = ctx.run(hidden)
+        if out.requires_grad:
+            torch.autograd.backward(out, grad_out)
+        ctx.run = ctx.host = None  # free the host copy's reference and the closure
+        return None, None, (hidden.grad if ctx.input_requires_grad else None), None
+
+
+def offloaded_checkpoint(run, hidden: torch.Tensor, slot) -> torch.Tensor:
+    """run(hidden) with `hidden` parked in host memory until the backward (see the module docstring).
+    `slot` names the host buffer (one per layer: its index)."""
+    # The anchor makes the output require grad when the input does not (frozen embeddings under LoRA),
+    # so that the backward runs and the layer's trainable parameters get their gradients.
+    anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+    return _OffloadedCheckpoint.apply(run, slot, hidden, anchor)

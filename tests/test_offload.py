@@ -1,0 +1,115 @@
+"""Offloaded gradient checkpointing (fasttune/memory/offload.py) against the same model without any
+checkpointing: loss and every trained gradient equal, each layer recomputed once, dropout masks repeated.
+On a CPU the layer inputs have nowhere cheaper to go, so the tests switch the offloading path on for CPU
+tensors (the "host copy" is then a clone); the GPU test measures the memory it saves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_training import MAX_LEN, TARGETS, grads_of, randomize_lora_b, uneven_batch
+
+from fasttune import FastLanguageModel
+from fasttune.memory import offload
+from fasttune.memory.checkpointing import checkpoint_mode
+from fasttune.models import fast_state
+
+
+def _model(model_dir, gc, dropout=0.0, full=False):
+    model, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=False, max_seq_length=MAX_LEN,
+                                                 full_finetuning=full, use_gradient_checkpointing=gc)
+    if full:
+        return model.train()
+    peft = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout,
+                                            use_gradient_checkpointing=gc, random_state=3)
+    randomize_lora_b(peft)
+    return peft.train()
+
+
+def _all_grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _run(model, batch, seed=11):
+    torch.manual_seed(seed)  # the dropout masks
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), _all_grads(model)
+
+
+@pytest.fixture
+def offload_on_cpu(monkeypatch):
+    monkeypatch.setattr(offload, "OFFLOAD_CPU_TENSORS", True)
+    copies = []
+    original = offload._to_host
+
+    def counting(hidden, slot):
+        copies.append(slot)
+        return original(hidden, slot)
+
+    monkeypatch.setattr(offload, "_to_host", counting)
+    return copies
+
+
+@pytest.mark.parametrize("dropout, full", [(0.0, False), (0.1, False), (0.0, True)])
+def test_offloaded_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_model_dir, offload_on_cpu, dropout, full):
+    model_dir = tiny_model_dir("llama")
+    batch = uneven_batch(1000, rows=3, length=14)
+    want_loss, want = _run(_model(model_dir, False, dropout, full), batch)
+    model = _model(model_dir, "unsloth", dropout, full)
+    assert fast_state(model).gradient_checkpointing == "offload"
+    got_loss, got = _run(model, batch)
+    layers = model.config.num_hidden_layers
+    assert offload_on_cpu == list(range(layers))  # every layer's input went to the host, once
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    assert got.keys() == want.keys() and got
+    for name in want:
+        scale = want[name].abs().max().item()
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * max(scale, 1e-30),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    if not full:
+        assert grads_of(model)  # the adapters trained
+
+
+def test_offloaded_checkpointing_refuses_autograd_grad(tiny_model_dir, offload_on_cpu):
+    model = _model(tiny_model_dir("llama"), "unsloth")
+    loss = model(**uneven_batch(1000, rows=2, length=10)).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    # the layers' parameters are not in the outer graph (their gradients accumulate inside the backward), so
+    # torch refuses rather than return wrong gradients
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        torch.autograd.grad(loss, params)
+
+
+def test_checkpoint_modes(monkeypatch, tiny_model_dir):
+    assert checkpoint_mode(True) == "recompute" and checkpoint_mode(False) is False
+    assert checkpoint_mode("unsloth") == checkpoint_mode("fasttune") == "offload"
+    monkeypatch.setenv("FASTTUNE_OFFLOAD_CHECKPOINTS", "0")
+    assert checkpoint_mode("unsloth") == "recompute"
+    monkeypatch.delenv("FASTTUNE_OFFLOAD_CHECKPOINTS")
+    model = _model(tiny_model_dir("llama"), "unsloth")
+    FastLanguageModel.for_training(model)  # True there means "on": the offloaded kind chosen earlier stays
+    assert fast_state(model).gradient_checkpointing == "offload"
+    FastLanguageModel.for_training(model, use_gradient_checkpointing=False)
+    assert fast_state(model).gradient_checkpointing is False
+
+
+@pytest.mark.gpu
+def test_gpu_offloading_saves_the_layer_inputs(tiny_model_dir):
+    model_dir = tiny_model_dir("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=8)
+    batch = {k: v.cuda() for k, v in uneven_batch(1000, rows=4, length=512).items()}
+    peaks, grads = {}, {}
+    for gc in (True, "unsloth"):
+        model = _model(model_dir, gc).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss, grads[gc] = _run(model, batch)
+        torch.cuda.synchronize()
+        peaks[gc] = torch.cuda.max_memory_allocated() - base
+        del model
+    for name, want in grads[True].items():
+        torch.testing.assert_close(grads["unsloth"][name], want, rtol=1e-4, atol=1e-6)
+    layer_input = 4 * 512 * 512 * 4  # rows x length x hidden, fp32 on this test's model
+    # the layer inputs of all but the layer being recomputed left the GPU
+    assert peaks[True] - peaks["unsloth"] >= 0.5 * 7 * layer_input, peaks
