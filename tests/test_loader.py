@@ -173,7 +173,7 @@ def test_get_peft_model_defaults_and_arguments(tiny_model_dir):
     assert lora.r["default"] == 8 and lora.scaling["default"] == pytest.approx(16 / 8**0.5)
     targets = set(peft_model.peft_config["default"].target_modules)
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert fast_state(peft_model).gradient_checkpointing is True
+    assert fast_state(peft_model).gradient_checkpointing == "offload"  # the "unsloth" default
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.dtype == torch.float32 for n, p in peft_model.named_parameters() if p.requires_grad)
@@ -226,7 +226,7 @@ def test_for_inference_and_for_training_switch_modes(tiny_model_dir):
     FastLanguageModel.for_training(model, use_gradient_checkpointing=False)
     assert model.training and tok.padding_side == "right" and fast_state(model).gradient_checkpointing is False
     FastLanguageModel.for_training(model)
-    assert fast_state(model).gradient_checkpointing is True
+    assert fast_state(model).gradient_checkpointing == "recompute"
 
 
 def test_adapter_directory_loads_base_and_adapter(tiny_model_dir, tmp_path):
