@@ -19,7 +19,6 @@ Backward recomputes act(g) from the saved g and u (nothing else is stored):
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -62,6 +61,33 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def glu_activation_reference(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
     return _ACTIVATIONS[kind](gate) * up
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_C = 0.044715
+
+
+def glu_backward_reference(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str):
+    """(d gate, d up) of h = act(gate) * up, written out (the math of the backward kernel) in fp32 with one
+    rounding per output, for callers that hold gate and up rather than an autograd graph of them."""
+    g = gate.float()
+    code = _KIND_CODE[kind]
+    if code == _SILU:
+        sig = torch.sigmoid(g)
+        a = g * sig
+        da = sig * (1.0 + g * (1.0 - sig))
+    elif code == _GELU_ERF:
+        cdf = 0.5 * (1.0 + torch.erf(g * _SQRT_HALF))
+        a = g * cdf
+        da = cdf + g * _INV_SQRT_2PI * torch.exp(-0.5 * g * g)
+    else:
+        t = torch.tanh(_SQRT_2_OVER_PI * (g + _GELU_C * g * g * g))
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * _GELU_C * g * g)
+    dhf = dh.float()
+    return (dhf * up.float() * da).to(gate.dtype), (dhf * a).to(up.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -321,10 +321,6 @@ MLP_ACTIVATIONS = {
     "gelu_new": "gelu_pytorch_tanh",
     "gelu_fast": "gelu_pytorch_tanh",
 }
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_C = 0.044715
 
 
 def _use_glu_kernel(g2: torch.Tensor) -> bool:
@@ -342,26 +338,10 @@ def _glu_forward(g2: torch.Tensor, u2: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _glu_backward(dh: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, kind: str):
-    """(dgate, dup) of h = act(g) * u: the Triton kernel on CUDA, elsewhere its math in
-    fp32 with one rounding per output (so both paths agree)."""
+    """(dgate, dup) of h = act(g) * u: the Triton kernel on CUDA, elsewhere the same math in PyTorch."""
     if _use_glu_kernel(g2):
         return _act.glu_backward(dh, g2, u2, kind)
-    g = g2.float()
-    if kind == "silu":
-        sig = torch.sigmoid(g)
-        a = g * sig
-        da = sig * (1.0 + g * (1.0 - sig))
-    elif kind == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(g * _SQRT_HALF))
-        a = g * cdf
-        da = cdf + g * _INV_SQRT_2PI * torch.exp(-0.5 * g * g)
-    else:
-        k = _SQRT_2_OVER_PI
-        t = torch.tanh(k * (g + _GELU_C * g * g * g))
-        a = 0.5 * g * (1.0 + t)
-        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 3 * _GELU_C * g * g)
-    dhf = dh.float()
-    return (dhf * u2.float() * da).to(g2.dtype), (dhf * a).to(u2.dtype)
+    return _act.glu_backward_reference(dh, g2, u2, kind)
 
 
 class _LoRAMLP(torch.autograd.Function):

@@ -237,3 +237,17 @@ def test_gpu_glu_inference_no_grad():
         h = glu_activation(g, u, "silu")
     truth = glu_activation_reference(g.double(), u.double(), "silu")
     assert_no_worse("no_grad h", h, glu_activation_reference(g, u, "silu"), truth, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_pytorch_tanh"])
+def test_written_out_backward_matches_autograd_of_the_reference(kind):
+    from fasttune.kernels.activations import glu_backward_reference
+
+    g = (torch.randn(5, 123, dtype=torch.float64) * 3).requires_grad_()
+    u = torch.randn(5, 123, dtype=torch.float64).requires_grad_()
+    dh = torch.randn(5, 123, dtype=torch.float64)
+    glu_activation_reference(g, u, kind).backward(dh)
+    dg, du = glu_backward_reference(dh, g.detach(), u.detach(), kind)
+    # fp32 inside: agreement to fp32 precision
+    torch.testing.assert_close(dg, g.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(du, u.grad, rtol=1e-5, atol=1e-5)
