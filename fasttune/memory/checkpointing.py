@@ -1,8 +1,9 @@
 """Gradient checkpointing modes.
 
-fasttune's owned forward checkpoints each decoder layer itself, so it works with frozen base weights
-without forcing the inputs to require grad:
-- True: recompute checkpointing (torch's non-reentrant checkpoint); the layer inputs stay on the GPU;
+fasttune's owned forward checkpoints each decoder layer itself (memory/offload.py: one autograd node per
+layer, recomputed in the backward), so it works with frozen base weights without forcing the inputs to
+require grad. Gradients must come from `loss.backward()` (as trainers do), not `torch.autograd.grad`.
+- True: recompute checkpointing; the layer inputs stay on the GPU;
 - "unsloth" / "fasttune": the same, with each layer input parked in pinned host memory until the
   backward (memory/offload.py) on CUDA; on a CPU there is nowhere cheaper to park it, so it recomputes.
   FASTTUNE_OFFLOAD_CHECKPOINTS=0 makes these recompute on CUDA too.

@@ -1,4 +1,4 @@
-"""Offloaded gradient checkpointing: a decoder layer's input waits for the backward in host memory.
+"""Layer checkpointing, and its offloaded kind: a decoder layer's input waits for the backward in host memory.
 
 Plain (recompute) checkpointing keeps one tensor per layer on the GPU between forward and backward:
 the layer's input, (batch, seq, hidden) in the compute dtype, 32 MB per layer for Llama-8B at 2 x 2048
@@ -14,6 +14,11 @@ next layers' kernels; `record_stream` keeps the GPU input alive until the copy i
 are pinned once per (layer, shape, dtype) and reused by every step: pinning is slow, and the next
 step's forward only overwrites a buffer after this step's backward has read it (the copy back is
 ordered on the compute stream before anything the next forward enqueues).
+
+Without offloading (use_gradient_checkpointing=True) the same Function keeps the input on the GPU: one
+autograd node per layer and no saved-tensor hooks, which costs the host about a fifth less time per
+step than torch's non-reentrant checkpoint (measured on a 16-layer toy model: 43 ms against 56 ms
+per step on this CPU), and host time is what bounds a 1B model's step.
 
 This is reentrant checkpointing (the backward calls `torch.autograd.backward` on the recomputed layer,
 and the parameters' gradients accumulate into `.grad`): use `loss.backward()`, as the trainers do.
@@ -59,16 +64,16 @@ def _to_host(hidden: torch.Tensor, slot) -> torch.Tensor:
     return buf
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
+class _LayerCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, slot, hidden, grad_anchor):
+    def forward(ctx, run, slot, offload, hidden, grad_anchor):
         device = hidden.device
         ctx.run, ctx.device, ctx.dtype = run, device, hidden.dtype
         ctx.input_requires_grad = hidden.requires_grad
         ctx.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        ctx.host = _to_host(hidden, slot)
+        ctx.host = _to_host(hidden, slot) if offload else hidden.detach()
         with torch.no_grad():
             return run(hidden)
 
@@ -91,13 +96,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if out.requires_grad:
             torch.autograd.backward(out, grad_out)
         ctx.run = ctx.host = None  # free the host copy's reference and the closure
-        return None, None, (hidden.grad if ctx.input_requires_grad else None), None
+        return None, None, None, (hidden.grad if ctx.input_requires_grad else None), None
 
 
-def offloaded_checkpoint(run, hidden: torch.Tensor, slot) -> torch.Tensor:
-    """run(hidden) with `hidden` parked in host memory until the backward (see the module docstring).
-    `slot` names the host buffer (one per layer: its index)."""
+def layer_checkpoint(run, hidden: torch.Tensor, slot, offload: bool) -> torch.Tensor:
+    """run(hidden), recomputed in the backward; with `offload` (CUDA, or CPU tensors under
+    OFFLOAD_CPU_TENSORS) `hidden` waits in host memory meanwhile. `slot` names the host buffer (one per
+    layer: its index)."""
     # The anchor makes the output require grad when the input does not (frozen embeddings under LoRA),
     # so that the backward runs and the layer's trainable parameters get their gradients.
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    return _OffloadedCheckpoint.apply(run, slot, hidden, anchor)
+    return _LayerCheckpoint.apply(run, slot, bool(offload) and offload_applies(hidden), hidden, anchor)

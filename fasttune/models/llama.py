@@ -21,7 +21,6 @@ from functools import partial
 from types import MethodType
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -46,7 +45,7 @@ from ..lora import (
     lora_qkv,
     why_not_fused,
 )
-from ..memory.offload import offload_applies, offloaded_checkpoint
+from ..memory.offload import layer_checkpoint
 from .rope import rope_inv_freq
 
 
@@ -376,11 +375,9 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
     all_hidden = [hidden] if output_hidden_states else None
     for idx, layer in enumerate(base.layers):
         mode = state.gradient_checkpointing or getattr(layer, "gradient_checkpointing", False)
-        if checkpointing and mode == "offload" and offload_applies(hidden):
-            hidden = offloaded_checkpoint(partial(decoder_layer_forward, layer, ctx=ctx, state=state, cache=None,
-                                                  layer_idx=idx), hidden, idx)
-        elif checkpointing and mode:
-            hidden = checkpoint(decoder_layer_forward, layer, hidden, ctx, state, None, idx, use_reentrant=False)
+        if checkpointing and mode:
+            run = partial(decoder_layer_forward, layer, ctx=ctx, state=state, cache=None, layer_idx=idx)
+            hidden = layer_checkpoint(run, hidden, idx, offload=mode == "offload")
         else:
             hidden = decoder_layer_forward(layer, hidden, ctx, state, cache, idx)
         if all_hidden is not None:
