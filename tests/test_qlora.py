@@ -242,3 +242,18 @@ def test_save_pretrained_of_a_quantized_model_reloads_the_same_codes(tiny_model_
         a, b = before[name].quant_weight, after[name].quant_weight
         assert torch.equal(a.data, b.data) and a.dtype == b.dtype == torch.float32, name
         assert torch.equal(before[name].dequantize(), after[name].dequantize()), name
+
+
+def test_quantized_load_keeps_the_checkpoints_generation_config(tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model_dir = str(tmp_path / "m")
+    shutil.copytree(tiny_model_dir("llama"), model_dir)
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, eos_token_id=[2, 7]).save_pretrained(model_dir)
+    dense, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=False, max_seq_length=MAX_LEN)
+    quant, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=True, max_seq_length=MAX_LEN)
+    for key in ("do_sample", "temperature", "top_p"):
+        assert getattr(quant.generation_config, key) == getattr(dense.generation_config, key), key
+    assert quant.generation_config.temperature == 0.6

@@ -160,6 +160,11 @@ def build_quantized_model(config, model_dir: str, fmt: str, dtype: torch.dtype, 
             f"{model_dir}: the checkpoint has no values for {len(missing)} parameters "
             f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); is it the model its config describes?"
         )
+    if os.path.isfile(os.path.join(model_dir, "generation_config.json")):
+        # from_config starts from defaults; transformers' from_pretrained reads the checkpoint's own
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
     model.eval()
     return model
 
