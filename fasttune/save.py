@@ -73,6 +73,30 @@ def attach_save_methods(model) -> None:
     model.push_to_hub_merged = MethodType(push_to_hub_merged, model)
     model.save_pretrained_gguf = MethodType(save_pretrained_gguf, model)
     model.push_to_hub_gguf = MethodType(push_to_hub_gguf, model)
+    if _is_peft(model):
+        for name in ("merge_and_unload", "merge_adapter"):
+            _guard_in_memory_merge(model, name)
+
+
+def _guard_in_memory_merge(model, name: str) -> None:
+    """PEFT's in-memory merge adds B @ A to `base_layer.weight`, which for a quantized layer holds packed
+    codes: refuse it with the way that works, instead of a shape error from deep inside PEFT."""
+    if getattr(model, name, None) is None:
+        return
+
+    def guarded(self, *args, **kwargs):
+        quantized = {m.fmt for m in self.modules() if isinstance(m, QuantLinear)}
+        if quantized:
+            raise NotImplementedError(
+                f"{name}(): the base weights are quantized ({', '.join(sorted(quantized))}), and LoRA cannot be "
+                "merged into them in memory. Save the merged model instead: model.save_pretrained_merged(dir, "
+                "tokenizer, save_method='merged_16bit' (or 'merged_4bit')), then load that directory"
+            )
+        # PEFT's own method, looked up on this model (not captured: a deepcopy must merge the copy)
+        own = getattr(type(self), name, None)
+        return own(self, *args, **kwargs) if own is not None else getattr(self.base_model, name)(*args, **kwargs)
+
+    setattr(model, name, MethodType(guarded, model))
 
 
 def _inner_save(model) -> Callable:

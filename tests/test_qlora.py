@@ -257,3 +257,24 @@ def test_quantized_load_keeps_the_checkpoints_generation_config(tiny_model_dir, 
     for key in ("do_sample", "temperature", "top_p"):
         assert getattr(quant.generation_config, key) == getattr(dense.generation_config, key), key
     assert quant.generation_config.temperature == 0.6
+
+
+def test_in_memory_merge_into_quantized_weights_is_refused_with_the_way_that_works(tiny_model_dir):
+    model, _ = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=True, max_seq_length=MAX_LEN)
+    peft = FastLanguageModel.get_peft_model(model, r=8, target_modules=TARGETS)
+    for name in ("merge_and_unload", "merge_adapter"):
+        with pytest.raises(NotImplementedError, match="save_pretrained_merged"):
+            getattr(peft, name)()
+    dense, _ = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=False, max_seq_length=MAX_LEN)
+    merged = FastLanguageModel.get_peft_model(dense, r=8, target_modules=TARGETS).merge_and_unload()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())  # 16-bit bases merge as PEFT does
+
+
+def test_a_deepcopy_merges_itself(tiny_model_dir):
+    import copy as copy_module
+
+    dense, _ = FastLanguageModel.from_pretrained(tiny_model_dir("llama"), load_in_4bit=False, max_seq_length=MAX_LEN)
+    peft = FastLanguageModel.get_peft_model(dense, r=8, target_modules=TARGETS)
+    twin = copy_module.deepcopy(peft)
+    twin.merge_and_unload()
+    assert any("lora_" in n for n, _ in peft.named_parameters())  # the original keeps its adapters
