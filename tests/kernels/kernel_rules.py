@@ -1,8 +1,35 @@
-"""The accuracy rule the kernel tests share, and when their kernels can run at all."""
+"""What the kernel tests share: where they run, the accuracy rule, and inputs in odd memory layouts.
+
+The rule for low precision: the kernel's error against an fp64 ground truth is no worse than that of
+the plain PyTorch reference run in the same dtype. On a CPU the kernels run in Triton's interpreter
+(tests/conftest.py turns it on) at small sizes; `pytest -m gpu` runs them at real sizes.
+"""
 
 from __future__ import annotations
 
 import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as `t` in another memory layout (the launchers must read any of them right)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "row_strided":  # a view of a wider buffer: rows strided, columns unit-stride
+        buf = torch.zeros(*t.shape[:-1], t.shape[-1] + 17, dtype=t.dtype, device=t.device)
+        buf[..., : t.shape[-1]] = t
+        return buf[..., : t.shape[-1]]
+    if layout == "transposed":  # rows not evenly strided: the launcher must copy
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "col_strided":  # last dim not unit-stride, and a storage offset
+        buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        buf[..., 1::2] = t
+        return buf[..., 1::2]
+    if layout == "expanded":  # stride-0 rows (e.g. an upstream gradient of a broadcast)
+        return t[:1].expand_as(t)
+    raise ValueError(layout)
 
 
 def kernels_runnable(jit_function) -> bool:
