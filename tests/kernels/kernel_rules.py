@@ -51,3 +51,48 @@ def assert_no_worse(name, kernel, ref, truth, dtype):
     scale = truth.abs().max().item()
     slack = (1e-5 if dtype == torch.float32 else 1e-3) * scale + 1e-6
     assert k <= 1.5 * r + slack, f"{name}: kernel err {k:.3g} vs reference err {r:.3g} (scale {scale:.3g})"
+
+
+def uneven_upstream(shape, dtype, device, layout="contiguous", *, top=2.0, zero_every=5) -> torch.Tensor:
+    """Upstream gradients as a loss hands them over: rows scaled over four orders of magnitude (up to
+    10**top), every `zero_every`-th row all zero (tokens whose loss is ignored), in `layout`."""
+    dy = torch.randn(shape, device=device)
+    rows = dy.reshape(-1, shape[-1])
+    scales = torch.logspace(top - 4, top, rows.shape[0], device=device)[torch.randperm(rows.shape[0], device=device)]
+    rows.mul_(scales[:, None])
+    rows[::zero_every] = 0
+    return relayout(dy.to(dtype), layout)
+
+
+def run_with_grads(fn, inputs: dict, wanted: dict, upstream, *args, out: str) -> dict:
+    """{out: fn(*inputs, *args)} and "d<name>" for every input whose gradient is wanted (against `upstream`)."""
+    leaves = {k: t.detach().requires_grad_(wanted[k]) for k, t in inputs.items()}
+    y = fn(*leaves.values(), *args)
+    result = {out: y.detach()}
+    wrt = [k for k in leaves if wanted[k]]
+    if wrt:
+        for k, g in zip(wrt, torch.autograd.grad(y, [leaves[k] for k in wrt], upstream)):
+            result[f"d{k}"] = g
+    return result
+
+
+def assert_all_no_worse(label: str, got: dict, ref: dict, truth: dict, dtype) -> None:
+    """assert_no_worse for every output and gradient `run_with_grads` returned."""
+    assert set(got) == set(ref) == set(truth), (label, set(got), set(ref))
+    for k, value in got.items():
+        assert_no_worse(f"{k} {label}", value, ref[k], truth[k], dtype)
+
+
+def dispatched(public, function_name: str):
+    """`public` (a kernel's public entry point) checked to have picked the Triton kernel's autograd Function
+    `function_name` wherever it records a graph: a GPU test through the dispatch must not pass on the
+    reference."""
+
+    def call(*args):
+        out = public(*args)
+        first = out[0] if isinstance(out, tuple) else out
+        if first.requires_grad:
+            assert type(first.grad_fn).__name__.startswith(function_name), f"dispatch did not pick {function_name}"
+        return out
+
+    return call

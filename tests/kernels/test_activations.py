@@ -7,7 +7,17 @@ import importlib
 
 import pytest
 import torch
-from kernel_rules import DEVICE, GPU_DTYPES, assert_no_worse, kernels_runnable, relayout
+from kernel_rules import (
+    DEVICE,
+    GPU_DTYPES,
+    assert_all_no_worse,
+    assert_no_worse,
+    dispatched,
+    kernels_runnable,
+    relayout,
+    run_with_grads,
+    uneven_upstream,
+)
 
 from fasttune.kernels.activations import (
     SUPPORTED_ACTIVATIONS,
@@ -51,40 +61,18 @@ def _inputs(shape, dtype, device, layout="contiguous", up_dtype=None):
     return _layouts(g.to(dtype), u.to(up_dtype or dtype), layout)
 
 
-def _upstream(shape, dtype, device, layout="contiguous"):
-    """Uneven upstream gradients: rows scaled over five orders of magnitude, some rows all zero."""
-    dh = torch.randn(shape, device=device)
-    rows = dh.reshape(-1, shape[-1])
-    rows.mul_(torch.logspace(-2, 2, rows.shape[0], device=device)[torch.randperm(rows.shape[0], device=device)][:, None])
-    rows[::5] = 0
-    return relayout(dh.to(dtype), layout)
-
-
-def _run(fn, g, u, dh, kind, want_g=True, want_u=True):
-    g = g.detach().requires_grad_(want_g)
-    u = u.detach().requires_grad_(want_u)
-    h = fn(g, u, kind)
-    out = {"h": h.detach()}
-    wrt = [t for t in (g, u) if t.requires_grad]
-    if wrt:
-        grads = iter(torch.autograd.grad(h, wrt, dh))
-        if want_g:
-            out["dg"] = next(grads)
-        if want_u:
-            out["du"] = next(grads)
-    return out
-
-
 def check_glu(shape, dtype, kind, device=DEVICE, layout="contiguous", dh_layout="contiguous", up_dtype=None,
               want_g=True, want_u=True, fn=GLUFunction.apply):
     g, u = _inputs(shape, dtype, device, layout, up_dtype)
-    dh = _upstream(shape, torch.promote_types(g.dtype, u.dtype), device, dh_layout)
-    got = _run(fn, g, u, dh, kind, want_g, want_u)
-    ref = _run(glu_activation_reference, g, u, dh, kind, want_g, want_u)
-    truth = _run(glu_activation_reference, g.double(), u.double(), dh.double(), kind, want_g, want_u)
-    assert set(got) == set(ref)
-    for k in got:
-        assert_no_worse(f"{k} {tuple(shape)} {dtype} {kind} {layout}", got[k], ref[k], truth[k], dtype)
+    dh = uneven_upstream(shape, torch.promote_types(g.dtype, u.dtype), device, dh_layout)
+    wanted = {"g": want_g, "u": want_u}
+
+    def run(f, g, u, dh):
+        return run_with_grads(f, {"g": g, "u": u}, wanted, dh, kind, out="h")
+
+    truth = run(glu_activation_reference, g.double(), u.double(), dh.double())
+    assert_all_no_worse(f"{tuple(shape)} {dtype} {kind} {layout}", run(fn, g, u, dh),
+                        run(glu_activation_reference, g, u, dh), truth, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,11 +154,7 @@ def test_glu_dispatch_off_cuda_is_reference():
 
 
 
-def _public(g, u, kind):
-    h = glu_activation(g, u, kind)
-    if h.requires_grad:
-        assert type(h.grad_fn).__name__.startswith("GLUFunction"), "dispatch did not pick the Triton kernel"
-    return h
+_public = dispatched(glu_activation, "GLUFunction")
 
 
 @pytest.mark.gpu

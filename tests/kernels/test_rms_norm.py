@@ -7,7 +7,17 @@ import importlib
 
 import pytest
 import torch
-from kernel_rules import DEVICE, GPU_DTYPES, assert_no_worse, kernels_runnable, relayout
+from kernel_rules import (
+    DEVICE,
+    GPU_DTYPES,
+    assert_all_no_worse,
+    assert_no_worse,
+    dispatched,
+    kernels_runnable,
+    relayout,
+    run_with_grads,
+    uneven_upstream,
+)
 
 from fasttune.kernels.rms_norm import (
     AddRMSNormFunction,
@@ -41,15 +51,9 @@ def _truth(x, w, eps, offset):
 
 
 def _upstream(shape, dtype, device, layout="contiguous"):
-    """Uneven upstream gradients: rows scaled over four orders of magnitude, some rows all zero
-    (tokens whose loss is ignored). fp16's range is kept clear of the all-zero input row, whose
-    dx = dy * w / sqrt(eps) would overflow with a large dy in the reference and the kernel alike."""
-    dy = torch.randn(shape, device=device)
-    rows = dy.reshape(-1, shape[-1])
-    hi = -1.0 if dtype == torch.float16 else 2.0
-    rows.mul_(torch.logspace(hi - 4, hi, rows.shape[0], device=device)[torch.randperm(rows.shape[0], device=device)][:, None])
-    rows[::7] = 0
-    return relayout(dy.to(dtype), layout)
+    """fp16's range is kept clear of the all-zero input row, whose dx = dy * w / sqrt(eps) would overflow
+    with a large dy in the reference and the kernel alike."""
+    return uneven_upstream(shape, dtype, device, layout, top=-1.0 if dtype == torch.float16 else 2.0, zero_every=7)
 
 
 def _inputs(shape, dtype, offset, device, layout="contiguous", w_dtype=None):
@@ -61,32 +65,20 @@ def _inputs(shape, dtype, offset, device, layout="contiguous", w_dtype=None):
     return x, w
 
 
-def _run_rms(fn, x, w, dy, offset, want_x=True, want_w=True):
-    x = x.detach().requires_grad_(want_x)
-    w = w.detach().requires_grad_(want_w)
-    y = fn(x, w, EPS, offset)
-    wrt = [t for t in (x, w) if t.requires_grad]
-    grads = torch.autograd.grad(y, wrt, dy)
-    out = {"y": y.detach()}
-    it = iter(grads)
-    if want_x:
-        out["dx"] = next(it)
-    if want_w:
-        out["dw"] = next(it)
-    return out
-
-
 def check_rms(shape, dtype, offset, device=DEVICE, layout="contiguous", dy_layout="contiguous", w_dtype=None,
               want_x=True, want_w=True, fn=RMSNormFunction.apply):
     x, w = _inputs(shape, dtype, offset, device, layout, w_dtype)
     y_dtype = x.dtype if offset else torch.promote_types(x.dtype, w.dtype)
     dy = _upstream(shape, y_dtype, device, dy_layout)
-    got = _run_rms(fn, x, w, dy, offset, want_x, want_w)
-    ref = _run_rms(rms_norm_reference, x, w, dy, offset, want_x, want_w)
-    truth = _run_rms(_truth, x.double(), w.double(), dy.double(), offset, want_x, want_w)
-    assert set(got) == set(ref)
-    for k in got:
-        assert_no_worse(f"{k} {tuple(shape)} {dtype} offset={offset} {layout}", got[k], ref[k], truth[k], dtype)
+    wanted = {"x": want_x, "w": want_w}
+
+    def run(f, x, w, dy):
+        return run_with_grads(f, {"x": x, "w": w}, wanted, dy, EPS, offset, out="y")
+
+    got = run(fn, x, w, dy)
+    ref = run(rms_norm_reference, x, w, dy)
+    assert_all_no_worse(f"{tuple(shape)} {dtype} offset={offset} {layout}", got, ref,
+                        run(_truth, x.double(), w.double(), dy.double()), dtype)
     if dtype == torch.float32 and w.dtype == torch.float32:
         torch.testing.assert_close(got["y"], ref["y"], rtol=1e-5, atol=1e-5)
 
@@ -209,11 +201,7 @@ def test_add_rms_norm_dispatch_off_cuda_is_reference():
 
 
 
-def _public(x, w, eps, offset):
-    y = rms_norm(x, w, eps, offset)
-    if y.requires_grad:
-        assert type(y.grad_fn).__name__.startswith("RMSNormFunction"), "dispatch did not pick the Triton kernel"
-    return y
+_public = dispatched(rms_norm, "RMSNormFunction")
 
 
 @pytest.mark.gpu
@@ -256,12 +244,7 @@ def test_gpu_add_rms_norm_real_sizes(dtype, offset):
     r = torch.randn(shape, device="cuda").to(dtype)
     dy, ds = _upstream(shape, dtype, "cuda"), _upstream(shape, dtype, "cuda")
 
-    def public(*a):
-        y, s = add_rms_norm(*a)
-        assert type(y.grad_fn).__name__.startswith("AddRMSNormFunction")
-        return y, s
-
-    got = _run_add(public, x, r, w, dy, ds, offset)
+    got = _run_add(dispatched(add_rms_norm, "AddRMSNormFunction"), x, r, w, dy, ds, offset)
     ref = _run_add(add_rms_norm_reference, x, r, w, dy, ds, offset)
     truth = _run_add(_truth_add, x.double(), r.double(), w.double(), dy.double(), ds.double(), offset)
     for k in got:
