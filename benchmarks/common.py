@@ -492,6 +492,27 @@ def machine_ceilings() -> dict:
     return {"bf16_matmul_tflops": matmul_peak_tflops(), "copy_gbs": copy_bandwidth_gbs()}
 
 
+def optimizer_step(model, ids, trainable: list, optimizer, device):
+    """One training step as every stack is measured: forward with labels = inputs under bf16 autocast,
+    backward, the gradient norm, AdamW step, zero_grad. Returns (loss, grad norm) as tensors (no sync)."""
+    import torch
+
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm
+
+
+def checkpoint_and_ceilings(record: dict, spec, args) -> tuple[Path, dict]:
+    """The run's random-init checkpoint and the machine's ceilings, measured now and kept in the record."""
+    ckpt = ensure_checkpoint(spec, args.ckpt_root, args.size)
+    record["machine"] = machine_ceilings()
+    return ckpt, record["machine"]
+
+
 def main(argv=None) -> int:
     import argparse
 

@@ -135,9 +135,7 @@ def main(argv=None) -> int:
               "sampling": "greedy, min_new_tokens = max_new_tokens, no EOS", "cases": []}
     t_start = time.perf_counter()
     with common.recorded(record):
-        ckpt = common.ensure_checkpoint(spec, args.ckpt_root, args.size)
-        ceilings = common.machine_ceilings()
-        record["machine"] = ceilings
+        ckpt, ceilings = common.checkpoint_and_ceilings(record, spec, args)
         t0 = time.perf_counter()
         max_len = args.prompt + max(new for _, new in args.cases) + 8
         model = stacks.load_for_inference(args.stack, ckpt, quant=args.quant, max_len=max_len)

@@ -297,12 +297,7 @@ def train_plain(model, data, args, clock, losses, grad_norms):
     for step in range(args.steps):
         ids = data[step * args.batch:(step + 1) * args.batch].to(device)
         clock.begin()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, norm = common.optimizer_step(model, ids, trainable, optimizer, device)
         clock.end()
         losses.append(float(loss.detach().float()))
         grad_norms.append(float(norm))

@@ -73,12 +73,7 @@ def train(model, data, args, device):
         ids = data[step * args.batch:(step + 1) * args.batch].to(device, non_blocking=True)
         sync()
         t0 = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, norm = common.optimizer_step(model, ids, trainable, optimizer, device)
         sync()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach().float()))
@@ -128,9 +123,7 @@ def main(argv=None) -> int:
     }
     t_start = time.perf_counter()
     with common.recorded(record):
-        ckpt = common.ensure_checkpoint(spec, args.ckpt_root, args.size)
-        ceilings = common.machine_ceilings()
-        record["machine"] = ceilings
+        ckpt, ceilings = common.checkpoint_and_ceilings(record, spec, args)
         t0 = time.perf_counter()
         model = stacks.load_for_training(args.stack, ckpt, spec, quant=args.quant, method=args.method,
                                          seq=args.seq, rank=args.rank, alpha=args.alpha, seed=args.seed,

@@ -101,6 +101,9 @@ def reference_loss(logits, labels, num_items_in_batch=None):
 
 # A short trainer run on the CPU that writes, reports and prints nothing, the same every time.
 QUIET_CPU_RUN = dict(report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+# Six logged steps at a constant, large learning rate: enough for the adapters to visibly train.
+SHORT_RUN = dict(max_steps=6, learning_rate=2e-2, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
+                 **QUIET_CPU_RUN)
 
 
 def without_labels(batch: dict) -> dict:
@@ -502,17 +505,12 @@ def test_sft_trainer_trains_a_fasttune_peft_model(llama_dir, tmp_path, kind):
     base_before = {n: p.detach().clone() for n, p in base_params(model).items()}
     config = SFTConfig(
         output_dir=str(tmp_path / "sft"),
-        max_steps=6,
         per_device_train_batch_size=2,
-        learning_rate=2e-2,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        logging_steps=1,
         max_length=MAX_LEN,
         packing=kind.startswith("packed"),
         bf16=False,
         fp16=False,
-        **QUIET_CPU_RUN,
+        **SHORT_RUN,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
@@ -530,14 +528,9 @@ def test_hf_trainer_with_language_modeling_collator(llama_dir, tmp_path):
     base_before = {n: p.detach().clone() for n, p in base_params(model).items()}
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"),
-        max_steps=6,
         per_device_train_batch_size=3,
         gradient_accumulation_steps=2,
-        learning_rate=2e-2,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        logging_steps=1,
-        **QUIET_CPU_RUN,
+        **SHORT_RUN,
     )
     trainer = Trainer(
         model=model,

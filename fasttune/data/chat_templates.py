@@ -39,28 +39,63 @@ def _alternation(first_index: str = "0") -> str:
 
 _UNKNOWN_ROLE = r"{{- raise_exception('this chat template knows the roles system, user and assistant, not ' + message['role']) -}}"
 
-CHATML = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
-{%- if default_system is not none and (not messages or messages[0]['role'] != 'system') -%}
-{{- '<|im_start|>system\n' + default_system + '<|im_end|>\n' -}}
-{%- endif -%}
-{%- for message in messages -%}
-{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<|im_start|>assistant\n' -}}
-{%- endif -%}
-"""
+# What every template starts with: the default system message (fixed at install time) and no tools.
+_HEAD = "\n{%- set default_system = @SYSTEM@ -%}\n" + _NO_TOOLS
 
-QWEN25 = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
-{%- if messages and messages[0]['role'] == 'system' -%}
+# The first message as the system message if it is one, else the default; the rest as the turns.
+_SPLIT_SYSTEM = r"""{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set system_message = messages[0]['content'] -%}
+{%- set loop_messages = messages[1:] -%}
+{%- else -%}
+{%- set system_message = default_system -%}
+{%- set loop_messages = messages -%}
+{%- endif -%}"""
+
+
+# Qwen 2.5 and 3: the conversation's system message, else the default one, as a ChatML system turn.
+_QWEN_SYSTEM = r"""{%- if messages and messages[0]['role'] == 'system' -%}
 {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' -}}
 {%- elif default_system is not none -%}
 {{- '<|im_start|>system\n' + default_system + '<|im_end|>\n' -}}
-{%- endif -%}
+{%- endif -%}"""
+
+
+def _default_system_turn(turn: str) -> str:
+    """`turn` (a jinja expression of default_system) when the conversation brings no system message."""
+    return (
+        "{%- if default_system is not none and (not messages or messages[0]['role'] != 'system') -%}\n"
+        "{{- " + turn + " -}}\n"
+        "{%- endif -%}"
+    )
+
+
+def _generation_prompt(opening: str) -> str:
+    return "{%- if add_generation_prompt -%}\n{{- " + opening + " -}}\n{%- endif -%}\n"
+
+
+def _prefixed_turns(system_sep: str, user: tuple, assistant: tuple, generation: str) -> str:
+    """Plain-text formats: an optional system paragraph, then each turn as prefix + content + suffix."""
+    return _HEAD + "\n{{- bos_token -}}\n" + _SPLIT_SYSTEM + (
+        "\n{%- if system_message -%}\n"
+        "{{- system_message + " + system_sep + " -}}\n"
+        "{%- endif -%}\n"
+        "{%- for message in loop_messages -%}\n"
+        "{%- if message['role'] == 'user' -%}\n"
+        "{{- " + user[0] + " + message['content'] + " + user[1] + " -}}\n"
+        "{%- elif message['role'] == 'assistant' -%}\n"
+        "{{- " + assistant[0] + " + message['content'] + " + assistant[1] + " -}}\n"
+        "{%- else -%}\n"
+    ) + _UNKNOWN_ROLE + "\n{%- endif -%}\n{%- endfor -%}\n" + _generation_prompt(generation)
+
+CHATML = _HEAD + r"""
+""" + _default_system_turn(r"'<|im_start|>system\n' + default_system + '<|im_end|>\n'") + r"""
+{%- for message in messages -%}
+{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}
+{%- endfor -%}
+""" + _generation_prompt(r"'<|im_start|>assistant\n'")
+
+QWEN25 = _HEAD + r"""
+""" + _QWEN_SYSTEM + r"""
 {%- for message in messages -%}
 {%- if message['role'] == 'system' and loop.first -%}
 {%- elif message['role'] in ('user', 'system', 'assistant') -%}
@@ -69,21 +104,12 @@ QWEN25 = r"""
 """ + _UNKNOWN_ROLE + r"""
 {%- endif -%}
 {%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<|im_start|>assistant\n' -}}
-{%- endif -%}
-"""
+""" + _generation_prompt(r"'<|im_start|>assistant\n'")
 
 # Qwen3 keeps the reasoning of assistant turns after the last user query (and an empty think block on
 # the final one) and drops it from earlier turns, as its official template does.
-QWEN3 = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
-{%- if messages and messages[0]['role'] == 'system' -%}
-{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' -}}
-{%- elif default_system is not none -%}
-{{- '<|im_start|>system\n' + default_system + '<|im_end|>\n' -}}
-{%- endif -%}
+QWEN3 = _HEAD + r"""
+""" + _QWEN_SYSTEM + r"""
 {%- set ns = namespace(last_query=messages|length - 1) -%}
 {%- for message in messages -%}
 {%- if message['role'] == 'user' and message['content'] is string and not (message['content'].startswith('<tool_response>') and message['content'].endswith('</tool_response>')) -%}
@@ -121,20 +147,13 @@ QWEN3 = r"""
 {%- endif -%}
 """
 
-LLAMA3 = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
+LLAMA3 = _HEAD + r"""
 {{- bos_token -}}
-{%- if default_system is not none and (not messages or messages[0]['role'] != 'system') -%}
-{{- '<|start_header_id|>system<|end_header_id|>\n\n' + default_system | trim + '<|eot_id|>' -}}
-{%- endif -%}
+""" + _default_system_turn(r"'<|start_header_id|>system<|end_header_id|>\n\n' + default_system | trim + '<|eot_id|>'") + r"""
 {%- for message in messages -%}
 {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}
 {%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
-{%- endif -%}
-"""
+""" + _generation_prompt(r"'<|start_header_id|>assistant<|end_header_id|>\n\n'")
 
 # Llama 3.1 and later always open with a system header that carries the knowledge cut-off and a date.
 _LLAMA31_BODY = r"""
@@ -151,23 +170,16 @@ _LLAMA31_BODY = r"""
 {%- for message in loop_messages -%}
 {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}
 {%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
-{%- endif -%}
-"""
+""" + _generation_prompt(r"'<|start_header_id|>assistant<|end_header_id|>\n\n'")
 
-LLAMA31 = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
+LLAMA31 = _HEAD + r"""
 {{- bos_token -}}
 {%- if date_string is not defined -%}
 {%- set date_string = '26 Jul 2024' -%}
 {%- endif -%}
 """ + _LLAMA31_BODY
 
-LLAMA32 = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
+LLAMA32 = _HEAD + r"""
 {{- bos_token -}}
 {%- if date_string is not defined -%}
 {%- if strftime_now is defined -%}
@@ -180,16 +192,8 @@ LLAMA32 = r"""
 
 # Mistral's instruct format before the v3 tokenizers. Its official template refuses a system message;
 # here one is put before the first user message, separated by a blank line, as Mistral's later templates do.
-MISTRAL = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
-{%- if messages and messages[0]['role'] == 'system' -%}
-{%- set system_message = messages[0]['content'] -%}
-{%- set loop_messages = messages[1:] -%}
-{%- else -%}
-{%- set system_message = default_system -%}
-{%- set loop_messages = messages -%}
-{%- endif -%}
+MISTRAL = _HEAD + r"""
+""" + _SPLIT_SYSTEM + r"""
 {{- bos_token -}}
 {%- for message in loop_messages -%}
 """ + _alternation() + r"""
@@ -207,9 +211,7 @@ MISTRAL = r"""
 
 # Gemma 1 and 2 refuse a system message; Gemma 3 puts it at the top of the first user turn. All three
 # use the Gemma 3 rule here, which renders the others' conversations unchanged.
-GEMMA = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
+GEMMA = _HEAD + r"""
 {{- bos_token -}}
 {%- if messages and messages[0]['role'] == 'system' -%}
 {%- if messages[0]['content'] is string -%}
@@ -239,20 +241,13 @@ GEMMA = r"""
 {%- endif -%}
 {{- '<end_of_turn>\n' -}}
 {%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<start_of_turn>model\n' -}}
-{%- endif -%}
-"""
+""" + _generation_prompt(r"'<start_of_turn>model\n'")
 
 
 def _phi3(skip_empty_system: bool) -> str:
     system_test = "message['role'] == 'system'" + (" and message['content']" if skip_empty_system else "")
-    return r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
-{%- if default_system is not none and (not messages or messages[0]['role'] != 'system') -%}
-{{- '<|system|>\n' + default_system + '<|end|>\n' -}}
-{%- endif -%}
+    return _HEAD + r"""
+""" + _default_system_turn(r"'<|system|>\n' + default_system + '<|end|>\n'") + r"""
 {%- for message in messages -%}
 {%- if """ + system_test + r""" -%}
 {{- '<|system|>\n' + message['content'] + '<|end|>\n' -}}
@@ -274,12 +269,8 @@ PHI3 = _phi3(skip_empty_system=False)
 PHI35 = _phi3(skip_empty_system=True)
 
 # Phi-4 opens the assistant turn right after every user turn, so add_generation_prompt adds nothing.
-PHI4 = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
-{%- if default_system is not none and (not messages or messages[0]['role'] != 'system') -%}
-{{- '<|im_start|>system<|im_sep|>' + default_system + '<|im_end|>' -}}
-{%- endif -%}
+PHI4 = _HEAD + r"""
+""" + _default_system_turn(r"'<|im_start|>system<|im_sep|>' + default_system + '<|im_end|>'") + r"""
 {%- for message in messages -%}
 {%- if message['role'] == 'system' -%}
 {{- '<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>' -}}
@@ -293,12 +284,8 @@ PHI4 = r"""
 {%- endfor -%}
 """
 
-ZEPHYR = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
-{%- if default_system is not none and (not messages or messages[0]['role'] != 'system') -%}
-{{- '<|system|>\n' + default_system + eos_token + '\n' -}}
-{%- endif -%}
+ZEPHYR = _HEAD + r"""
+""" + _default_system_turn(r"'<|system|>\n' + default_system + eos_token + '\n'") + r"""
 {%- for message in messages -%}
 {%- if message['role'] in ('system', 'user', 'assistant') -%}
 {{- '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' -}}
@@ -306,68 +293,14 @@ ZEPHYR = r"""
 """ + _UNKNOWN_ROLE + r"""
 {%- endif -%}
 {%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<|assistant|>\n' -}}
-{%- endif -%}
-"""
+""" + _generation_prompt(r"'<|assistant|>\n'")
 
 # Stanford Alpaca's prompt, repeated for every turn of a multi-turn conversation.
-ALPACA = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
-{{- bos_token -}}
-{%- if messages and messages[0]['role'] == 'system' -%}
-{%- set system_message = messages[0]['content'] -%}
-{%- set loop_messages = messages[1:] -%}
-{%- else -%}
-{%- set system_message = default_system -%}
-{%- set loop_messages = messages -%}
-{%- endif -%}
-{%- if system_message -%}
-{{- system_message + '\n\n' -}}
-{%- endif -%}
-{%- for message in loop_messages -%}
-{%- if message['role'] == 'user' -%}
-{{- '### Instruction:\n' + message['content'] + '\n\n' -}}
-{%- elif message['role'] == 'assistant' -%}
-{{- '### Response:\n' + message['content'] + eos_token + '\n\n' -}}
-{%- else -%}
-""" + _UNKNOWN_ROLE + r"""
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '### Response:\n' -}}
-{%- endif -%}
-"""
+ALPACA = _prefixed_turns(r"'\n\n'", (r"'### Instruction:\n'", r"'\n\n'"),
+                         (r"'### Response:\n'", r"eos_token + '\n\n'"), r"'### Response:\n'")
 
 # Vicuna v1.1 as LMSYS's FastChat writes it: "SYSTEM USER: ... ASSISTANT: ...</s>USER: ...".
-VICUNA = r"""
-{%- set default_system = @SYSTEM@ -%}
-""" + _NO_TOOLS + r"""
-{{- bos_token -}}
-{%- if messages and messages[0]['role'] == 'system' -%}
-{%- set system_message = messages[0]['content'] -%}
-{%- set loop_messages = messages[1:] -%}
-{%- else -%}
-{%- set system_message = default_system -%}
-{%- set loop_messages = messages -%}
-{%- endif -%}
-{%- if system_message -%}
-{{- system_message + ' ' -}}
-{%- endif -%}
-{%- for message in loop_messages -%}
-{%- if message['role'] == 'user' -%}
-{{- 'USER: ' + message['content'] + ' ' -}}
-{%- elif message['role'] == 'assistant' -%}
-{{- 'ASSISTANT: ' + message['content'] + eos_token -}}
-{%- else -%}
-""" + _UNKNOWN_ROLE + r"""
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- 'ASSISTANT:' -}}
-{%- endif -%}
-"""
+VICUNA = _prefixed_turns(r"' '", (r"'USER: '", r"' '"), (r"'ASSISTANT: '", "eos_token"), r"'ASSISTANT:'")
 
 
 @dataclass(frozen=True)
@@ -603,7 +536,7 @@ def detect_parts(tokenizer=None, chat_template: str | None = None, **variables) 
 # End-of-turn token as EOS, and the models that generate with it
 # --------------------------------------------------------------------------------------------
 
-_LINKED_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LINKED_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def link_model(model, tokenizer) -> None:

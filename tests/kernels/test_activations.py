@@ -1,9 +1,5 @@
-"""SwiGLU / GeGLU kernels against their reference: forward, dgate and dup, fp32 / bf16 (fp16 on the GPU).
-
-The rule for low precision: the kernel's error against an fp64 ground truth is no worse than that of
-the plain PyTorch reference run in the same dtype. On a CPU the kernels run in Triton's interpreter
-(tests/conftest.py turns it on) at small sizes; `pytest -m gpu` runs them at real sizes.
-"""
+"""SwiGLU / GeGLU kernels against their reference: forward, dgate and dup, fp32 / bf16 (fp16 on the GPU),
+under the accuracy rule of kernel_rules.py."""
 
 from __future__ import annotations
 
@@ -11,7 +7,17 @@ import importlib
 
 import pytest
 import torch
-from kernel_rules import assert_no_worse, kernels_runnable
+from kernel_rules import (
+    DEVICE,
+    GPU_DTYPES,
+    assert_all_no_worse,
+    assert_no_worse,
+    dispatched,
+    kernels_runnable,
+    relayout,
+    run_with_grads,
+    uneven_upstream,
+)
 
 from fasttune.kernels.activations import (
     SUPPORTED_ACTIVATIONS,
@@ -21,8 +27,6 @@ from fasttune.kernels.activations import (
 )
 
 act = importlib.import_module("fasttune.kernels.activations")
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 pytestmark = pytest.mark.skipif(
@@ -40,33 +44,13 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def _layouts(g: torch.Tensor, u: torch.Tensor, layout: str):
-    """The same values in another memory layout."""
-    if layout == "contiguous":
-        return g.contiguous(), u.contiguous()
-    if layout == "fused":  # both halves of one gate_up projection: row-strided views, no copy
+    """The same values in another memory layout; "fused": both halves of one gate_up projection (row-strided
+    views of one buffer, no copy)."""
+    if layout == "fused":
         gu = torch.cat([g, u], dim=-1)
         n = g.shape[-1]
         return gu[..., :n], gu[..., n:]
-    if layout == "transposed":  # rows not evenly strided: the launcher must copy
-        return tuple(t.transpose(0, 1).contiguous().transpose(0, 1) for t in (g, u))
-    if layout == "col_strided":  # last dim not unit-stride
-        out = []
-        for t in (g, u):
-            buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-            buf[..., 1::2] = t
-            out.append(buf[..., 1::2])
-        return tuple(out)
-    raise ValueError(layout)
-
-
-def _dh_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "contiguous":
-        return t
-    if layout == "transposed":
-        return t.transpose(0, 1).contiguous().transpose(0, 1)
-    if layout == "expanded":  # stride-0 rows
-        return t[:1].expand_as(t)
-    raise ValueError(layout)
+    return relayout(g, layout), relayout(u, layout)
 
 
 def _inputs(shape, dtype, device, layout="contiguous", up_dtype=None):
@@ -77,40 +61,18 @@ def _inputs(shape, dtype, device, layout="contiguous", up_dtype=None):
     return _layouts(g.to(dtype), u.to(up_dtype or dtype), layout)
 
 
-def _upstream(shape, dtype, device, layout="contiguous"):
-    """Uneven upstream gradients: rows scaled over five orders of magnitude, some rows all zero."""
-    dh = torch.randn(shape, device=device)
-    rows = dh.reshape(-1, shape[-1])
-    rows.mul_(torch.logspace(-2, 2, rows.shape[0], device=device)[torch.randperm(rows.shape[0], device=device)][:, None])
-    rows[::5] = 0
-    return _dh_layout(dh.to(dtype), layout)
-
-
-def _run(fn, g, u, dh, kind, want_g=True, want_u=True):
-    g = g.detach().requires_grad_(want_g)
-    u = u.detach().requires_grad_(want_u)
-    h = fn(g, u, kind)
-    out = {"h": h.detach()}
-    wrt = [t for t in (g, u) if t.requires_grad]
-    if wrt:
-        grads = iter(torch.autograd.grad(h, wrt, dh))
-        if want_g:
-            out["dg"] = next(grads)
-        if want_u:
-            out["du"] = next(grads)
-    return out
-
-
 def check_glu(shape, dtype, kind, device=DEVICE, layout="contiguous", dh_layout="contiguous", up_dtype=None,
               want_g=True, want_u=True, fn=GLUFunction.apply):
     g, u = _inputs(shape, dtype, device, layout, up_dtype)
-    dh = _upstream(shape, torch.promote_types(g.dtype, u.dtype), device, dh_layout)
-    got = _run(fn, g, u, dh, kind, want_g, want_u)
-    ref = _run(glu_activation_reference, g, u, dh, kind, want_g, want_u)
-    truth = _run(glu_activation_reference, g.double(), u.double(), dh.double(), kind, want_g, want_u)
-    assert set(got) == set(ref)
-    for k in got:
-        assert_no_worse(f"{k} {tuple(shape)} {dtype} {kind} {layout}", got[k], ref[k], truth[k], dtype)
+    dh = uneven_upstream(shape, torch.promote_types(g.dtype, u.dtype), device, dh_layout)
+    wanted = {"g": want_g, "u": want_u}
+
+    def run(f, g, u, dh):
+        return run_with_grads(f, {"g": g, "u": u}, wanted, dh, kind, out="h")
+
+    truth = run(glu_activation_reference, g.double(), u.double(), dh.double())
+    assert_all_no_worse(f"{tuple(shape)} {dtype} {kind} {layout}", run(fn, g, u, dh),
+                        run(glu_activation_reference, g, u, dh), truth, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,14 +152,9 @@ def test_glu_dispatch_off_cuda_is_reference():
 # GPU at real sizes, through the public dispatch
 # --------------------------------------------------------------------------------------------
 
-GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _public(g, u, kind):
-    h = glu_activation(g, u, kind)
-    if h.requires_grad:
-        assert type(h.grad_fn).__name__.startswith("GLUFunction"), "dispatch did not pick the Triton kernel"
-    return h
+_public = dispatched(glu_activation, "GLUFunction")
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@ interpreter (tests/conftest.py), with small blocks so that the vocabulary loop r
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_rules import DEVICE
 
 from fasttune.kernels.cross_entropy import (
     causal_lm_loss,
@@ -12,18 +13,17 @@ from fasttune.kernels.cross_entropy import (
     shift_labels_left,
 )
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-BLOCK = None if DEV == "cuda" else 32  # 123 = 3 full chunks + a partial one in the interpreter
+BLOCK = None if DEVICE == "cuda" else 32  # 123 = 3 full chunks + a partial one in the interpreter
 # Triton's interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest even, which can
 # double the rounding error of a gradient the kernel stores; the rule keeps its 1.5 on the GPU.
-INTERP_FACTOR = 1.5 if DEV == "cuda" else 3.0
+INTERP_FACTOR = 1.5 if DEVICE == "cuda" else 3.0
 # fp32 gradients in the interpreter, relative to their largest: its exp/log are numpy's float32 SIMD
 # routines, which differ between CPUs (one CI machine put a saturated softcap's tanh' 1.5e-4 off where
 # this machine agrees to 1e-7). A logic error (index, mask, chunk) shows as an O(1) difference anyway.
 INTERP_FP32_ATOL = 2e-4
 
 
-def _labels(B, T, V, ignore_rows=(), ignore_frac=0.2, device=DEV):
+def _labels(B, T, V, ignore_rows=(), ignore_frac=0.2, device=DEVICE):
     lab = torch.randint(0, V, (B, T), device=device)
     lab[torch.rand(B, T, device=device) < ignore_frac] = -100
     for r in ignore_rows:
@@ -57,22 +57,22 @@ def _err(a, b):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_fp32_matches_reference(softcap, inplace):
     B, T, V = 3, 7, 123
-    logits = torch.randn(B, T, V, device=DEV) * 4
+    logits = torch.randn(B, T, V, device=DEVICE) * 4
     labels = _labels(B, T, V, ignore_rows=(1,))
     kw = {"softcap": softcap}
     lk, gk = _loss_and_grad(lambda x: causal_lm_loss_triton(x * 1, labels, inplace_grad=inplace, block_v=BLOCK,
                                                             **kw), logits, upstream=2.5)
     lr, gr = _loss_and_grad(lambda x: causal_lm_loss_reference(x, labels, **kw), logits, upstream=2.5)
     torch.testing.assert_close(lk, lr, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gk, gr, rtol=1e-4, atol=1e-6 if DEV == "cuda" else INTERP_FP32_ATOL * gr.abs().max().item())
+    torch.testing.assert_close(gk, gr, rtol=1e-4, atol=1e-6 if DEVICE == "cuda" else INTERP_FP32_ATOL * gr.abs().max().item())
     assert gk[1].abs().max() == 0  # an all-ignored row gets no gradient
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if DEV == "cuda" else []))
+@pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_low_precision_no_worse_than_plain_pytorch(dtype, softcap):
-    B, T, V = (5, 123, 123) if DEV == "cuda" else (5, 41, 123)  # the interpreter is slow per row
-    truth_in = torch.randn(B, T, V, device=DEV) * 4
+    B, T, V = (5, 123, 123) if DEVICE == "cuda" else (5, 41, 123)  # the interpreter is slow per row
+    truth_in = torch.randn(B, T, V, device=DEVICE) * 4
     labels = _labels(B, T, V)
     low = truth_in.to(dtype)
     lt, gt = _loss_and_grad(lambda x: causal_lm_loss_reference(x, labels, softcap=softcap), truth_in, 3.0)
@@ -84,7 +84,7 @@ def test_low_precision_no_worse_than_plain_pytorch(dtype, softcap):
 
 
 def test_bf16_inplace_gradient_has_logits_dtype():
-    logits = torch.randn(2, 5, 123, device=DEV, dtype=torch.bfloat16).requires_grad_()
+    logits = torch.randn(2, 5, 123, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
     labels = _labels(2, 5, 123)
     y = logits * 1
     causal_lm_loss_triton(y, labels, inplace_grad=True, block_v=BLOCK).backward()
@@ -96,9 +96,9 @@ def test_bf16_inplace_gradient_has_logits_dtype():
 @pytest.mark.parametrize("n_items", [None, 37, "tensor"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_all_ignored_gives_zero_loss_and_grad(n_items, softcap):
-    logits = torch.randn(2, 6, 123, device=DEV)
-    labels = torch.full((2, 6), -100, device=DEV)
-    n = torch.tensor(37, device=DEV) if n_items == "tensor" else n_items
+    logits = torch.randn(2, 6, 123, device=DEVICE)
+    labels = torch.full((2, 6), -100, device=DEVICE)
+    n = torch.tensor(37, device=DEVICE) if n_items == "tensor" else n_items
     for inplace in (False, True):
         lk, gk = _loss_and_grad(lambda x, inplace=inplace: causal_lm_loss_triton(x * 1, labels, num_items_in_batch=n,
                                                                 softcap=softcap, inplace_grad=inplace,
@@ -111,9 +111,9 @@ def test_all_ignored_gives_zero_loss_and_grad(n_items, softcap):
 @pytest.mark.parametrize("kind", ["int", "tensor", "cpu_tensor"])
 def test_num_items_in_batch(kind):
     B, T, V = 2, 9, 123
-    logits = torch.randn(B, T, V, device=DEV)
+    logits = torch.randn(B, T, V, device=DEVICE)
     labels = _labels(B, T, V)
-    n = {"int": 50, "tensor": torch.tensor(50, device=DEV), "cpu_tensor": torch.tensor(50)}[kind]
+    n = {"int": 50, "tensor": torch.tensor(50, device=DEVICE), "cpu_tensor": torch.tensor(50)}[kind]
     lk, gk = _loss_and_grad(lambda x: causal_lm_loss_triton(x, labels, num_items_in_batch=n, block_v=BLOCK), logits)
     lr, gr = _loss_and_grad(lambda x: causal_lm_loss_reference(x, labels, num_items_in_batch=n), logits)
     torch.testing.assert_close(lk, lr, rtol=1e-5, atol=1e-6)
@@ -127,10 +127,10 @@ def test_num_items_in_batch(kind):
 def test_non_contiguous_logits_and_shift_labels(layout):
     B, T, V = 2, 6, 123
     if layout == "sliced":  # row strides that are not V: viewed, not copied
-        base = torch.randn(B, T + 1, V + 5, device=DEV)
+        base = torch.randn(B, T + 1, V + 5, device=DEVICE)
         logits = base[:, 1:, :V]
     else:  # unit vocab stride lost: copied
-        logits = torch.randn(V, B * T, device=DEV).t()
+        logits = torch.randn(V, B * T, device=DEVICE).t()
     assert not logits.is_contiguous()
     shift = _labels(B, T, V).reshape(logits.shape[:-1])
     for inplace in (False, True):
@@ -152,7 +152,7 @@ def test_non_contiguous_logits_and_shift_labels(layout):
 def test_logits_stay_intact_and_gradients_add():
     """The public default must not clobber logits the model returns; other uses of them add up."""
     B, T, V = 2, 5, 123
-    logits = torch.randn(B, T, V, device=DEV)
+    logits = torch.randn(B, T, V, device=DEVICE)
     labels = _labels(B, T, V)
     x = logits.clone().requires_grad_()
     y = x * 2
@@ -167,7 +167,7 @@ def test_logits_stay_intact_and_gradients_add():
 
 
 def test_inplace_refuses_second_backward_and_default_allows_it():
-    logits = torch.randn(2, 5, 123, device=DEV, requires_grad=True)
+    logits = torch.randn(2, 5, 123, device=DEVICE, requires_grad=True)
     labels = _labels(2, 5, 123)
     loss = causal_lm_loss_triton(logits * 1, labels, inplace_grad=True, block_v=BLOCK)
     loss.backward(retain_graph=True)
@@ -182,16 +182,16 @@ def test_inplace_refuses_second_backward_and_default_allows_it():
 
 
 def test_no_grad_and_2d_logits():
-    logits = torch.randn(11, 123, device=DEV)
-    shift = torch.randint(0, 123, (11,), device=DEV)
+    logits = torch.randn(11, 123, device=DEVICE)
+    shift = torch.randint(0, 123, (11,), device=DEVICE)
     with torch.no_grad():
         lk = causal_lm_loss_triton(logits, shift_labels=shift, inplace_grad=True, block_v=BLOCK)
     torch.testing.assert_close(lk, F.cross_entropy(logits, shift), rtol=1e-5, atol=1e-6)
 
 
 def test_out_of_range_label_is_loud():
-    logits = torch.randn(1, 4, 123, device=DEV)
-    shift = torch.tensor([[1, 2, 500, -100]], device=DEV)
+    logits = torch.randn(1, 4, 123, device=DEVICE)
+    shift = torch.tensor([[1, 2, 500, -100]], device=DEVICE)
     assert torch.isnan(causal_lm_loss_triton(logits, shift_labels=shift, block_v=BLOCK))
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_rules import DEVICE
 
 from fasttune.kernels.cross_entropy import (
     causal_lm_loss,
@@ -16,14 +17,13 @@ from fasttune.kernels.fused_linear_ce import (
     lm_head_trains,
 )
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-BLOCK = None if DEV == "cuda" else 32
+BLOCK = None if DEVICE == "cuda" else 32
 # Triton's interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest even, which can
 # double the rounding error of a gradient the kernel stores; the rule keeps its 1.5 on the GPU.
-INTERP_FACTOR = 1.5 if DEV == "cuda" else 3.0
+INTERP_FACTOR = 1.5 if DEVICE == "cuda" else 3.0
 
 
-def _labels(B, T, V, frac=0.3, device=DEV):
+def _labels(B, T, V, frac=0.3, device=DEVICE):
     lab = torch.randint(0, V, (B, T), device=device)
     lab[torch.rand(B, T, device=device) < frac] = -100
     return lab
@@ -45,9 +45,9 @@ def _err(a, b):
 @pytest.mark.parametrize("train_weight", [False, True])
 def test_fp32_matches_reference(use_triton, softcap, train_weight):
     B, T, H, V = 3, 9, 16, 123
-    h = torch.randn(B, T, H, device=DEV, requires_grad=True)
-    W = (torch.randn(V, H, device=DEV) * 0.5).requires_grad_(train_weight)
-    bias = (torch.randn(V, device=DEV) * 0.1).requires_grad_(train_weight)
+    h = torch.randn(B, T, H, device=DEVICE, requires_grad=True)
+    W = (torch.randn(V, H, device=DEVICE) * 0.5).requires_grad_(train_weight)
+    bias = (torch.randn(V, device=DEVICE) * 0.1).requires_grad_(train_weight)
     labels = _labels(B, T, V)
     kw = {"softcap": softcap}
     lk, gk = _run(lambda h, W, b: fused_linear_cross_entropy(h, W, labels, bias=b, chunk_tokens=5,
@@ -60,12 +60,12 @@ def test_fp32_matches_reference(use_triton, softcap, train_weight):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if DEV == "cuda" else []))
+@pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_low_precision_no_worse_than_plain_pytorch(dtype, softcap):
-    B, T, H, V = (5, 123, 64, 1000) if DEV == "cuda" else (2, 13, 32, 123)
-    h = torch.randn(B, T, H, device=DEV, requires_grad=True)
-    W = (torch.randn(V, H, device=DEV) * H**-0.5 * 3).requires_grad_()
+    B, T, H, V = (5, 123, 64, 1000) if DEVICE == "cuda" else (2, 13, 32, 123)
+    h = torch.randn(B, T, H, device=DEVICE, requires_grad=True)
+    W = (torch.randn(V, H, device=DEVICE) * H**-0.5 * 3).requires_grad_()
     labels = _labels(B, T, V)
     ref = lambda h, W: fused_linear_cross_entropy_reference(h, W, labels, softcap=softcap)
 
@@ -78,7 +78,7 @@ def test_low_precision_no_worse_than_plain_pytorch(dtype, softcap):
 
     lt, gt = _run(ref, (h, W))
     lp, gp = _run(plain, (h.to(dtype), W.to(dtype)))
-    for use_triton in {DEV == "cuda", True}:
+    for use_triton in {DEVICE == "cuda", True}:
         lk, gk = _run(lambda h, W, use_triton=use_triton: fused_linear_cross_entropy(h, W, labels, softcap=softcap,
                                                               chunk_tokens=7,
                                                               use_triton=use_triton, block_v=BLOCK),
@@ -92,10 +92,10 @@ def test_low_precision_no_worse_than_plain_pytorch(dtype, softcap):
 @pytest.mark.parametrize("use_triton", [False, True])
 @pytest.mark.parametrize("n_items", [None, 11, "tensor"])
 def test_all_ignored(use_triton, n_items):
-    h = torch.randn(2, 5, 16, device=DEV, requires_grad=True)
-    W = torch.randn(123, 16, device=DEV, requires_grad=True)
-    labels = torch.full((2, 5), -100, device=DEV)
-    n = torch.tensor(11, device=DEV) if n_items == "tensor" else n_items
+    h = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+    W = torch.randn(123, 16, device=DEVICE, requires_grad=True)
+    labels = torch.full((2, 5), -100, device=DEVICE)
+    n = torch.tensor(11, device=DEVICE) if n_items == "tensor" else n_items
     loss = fused_linear_cross_entropy(h, W, labels, num_items_in_batch=n, use_triton=use_triton, block_v=BLOCK)
     loss.backward()
     assert loss.item() == 0
@@ -106,10 +106,10 @@ def test_all_ignored(use_triton, n_items):
 @pytest.mark.parametrize("use_triton", [False, True])
 def test_num_items_shift_labels_and_non_contiguous_hidden(use_triton):
     B, T, H, V = 2, 8, 16, 123
-    base = torch.randn(T, B, H + 3, device=DEV)
+    base = torch.randn(T, B, H + 3, device=DEVICE)
     h = base[..., :H].transpose(0, 1)  # non-contiguous (B, T, H)
     assert not h.is_contiguous()
-    W = torch.randn(V, H, device=DEV)
+    W = torch.randn(V, H, device=DEVICE)
     shift = _labels(B, T, V)
     n = torch.tensor(20)
     hk = h.clone().requires_grad_()
@@ -124,8 +124,8 @@ def test_num_items_shift_labels_and_non_contiguous_hidden(use_triton):
 
 
 def test_no_grad_and_default_chunk():
-    h = torch.randn(2, 9, 16, device=DEV)
-    W = torch.randn(123, 16, device=DEV)
+    h = torch.randn(2, 9, 16, device=DEVICE)
+    W = torch.randn(123, 16, device=DEVICE)
     labels = _labels(2, 9, 123)
     with torch.no_grad():
         lk = fused_linear_cross_entropy(h, W, labels)
@@ -133,8 +133,8 @@ def test_no_grad_and_default_chunk():
 
 
 def test_second_backward_refused():
-    h = torch.randn(2, 5, 16, device=DEV, requires_grad=True)
-    W = torch.randn(123, 16, device=DEV)
+    h = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+    W = torch.randn(123, 16, device=DEVICE)
     loss = fused_linear_cross_entropy(h, W, _labels(2, 5, 123))
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward"):
@@ -167,8 +167,8 @@ def _module_vs_reference(model, h, labels, softcap=None):
 
 
 def test_plain_lm_head_frozen_and_trained():
-    model = _Tiny(bias=True).to(DEV)
-    h = torch.randn(2, 6, 16, device=DEV)
+    model = _Tiny(bias=True).to(DEVICE)
+    h = torch.randn(2, 6, 16, device=DEVICE)
     labels = _labels(2, 6, 123)
     assert lm_head_trains(model.lm_head) == "weight"
     _module_vs_reference(model, h, labels, softcap=5.0)
@@ -181,7 +181,7 @@ def test_plain_lm_head_frozen_and_trained():
 @pytest.mark.parametrize("n_adapters", [1, 2])
 def test_lora_on_lm_head_is_trained(n_adapters):
     peft = pytest.importorskip("peft")
-    model = _Tiny().to(DEV)
+    model = _Tiny().to(DEVICE)
     model.requires_grad_(False)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["lm_head"])
     peft.inject_adapter_in_model(cfg, model, adapter_name="a")
@@ -193,7 +193,7 @@ def test_lora_on_lm_head_is_trained(n_adapters):
             with torch.no_grad():
                 p.normal_()
     assert lm_head_trains(model.lm_head) == "lora"
-    grads = _module_vs_reference(model, torch.randn(2, 6, 16, device=DEV), _labels(2, 6, 123))
+    grads = _module_vs_reference(model, torch.randn(2, 6, 16, device=DEVICE), _labels(2, 6, 123))
     assert all(g.abs().max() > 0 for g in grads[1:])
     # a disabled adapter is skipped by PEFT itself, and so by the fused loss
     model.lm_head.enable_adapters(False)
@@ -202,19 +202,19 @@ def test_lora_on_lm_head_is_trained(n_adapters):
 
 def test_modules_to_save_lm_head_trains_weight():
     peft = pytest.importorskip("peft")
-    model = _Tiny().to(DEV)
+    model = _Tiny().to(DEVICE)
     cfg = peft.LoraConfig(r=4, target_modules=["body"], modules_to_save=["lm_head"])
     pm = peft.get_peft_model(model, cfg)
     lm_head = pm.base_model.model.lm_head
     assert lm_head_trains(lm_head) == "weight"
-    _module_vs_reference(pm.base_model.model, torch.randn(2, 6, 16, device=DEV), _labels(2, 6, 123))
+    _module_vs_reference(pm.base_model.model, torch.randn(2, 6, 16, device=DEVICE), _labels(2, 6, 123))
 
 
 def test_unsupported_lm_heads_are_refused():
     peft = pytest.importorskip("peft")
-    model = _Tiny().to(DEV)
+    model = _Tiny().to(DEVICE)
     peft.inject_adapter_in_model(peft.LoraConfig(r=4, use_dora=True, target_modules=["lm_head"]), model)
-    h, labels = torch.randn(1, 4, 16, device=DEV), _labels(1, 4, 123)
+    h, labels = torch.randn(1, 4, 16, device=DEVICE), _labels(1, 4, 123)
     with pytest.raises(NotImplementedError, match="DoRA"):
         fused_lm_head_loss(model.lm_head, h, labels)
 

@@ -1,9 +1,5 @@
-"""RMSNorm kernels against their reference: forward, dX and dW, fp32 / bf16 (fp16 on the GPU).
-
-The rule for low precision: the kernel's error against an fp64 ground truth is no worse than that of
-the plain PyTorch reference run in the same dtype. On a CPU the kernels run in Triton's interpreter
-(tests/conftest.py turns it on) at small sizes; `pytest -m gpu` runs them at real sizes.
-"""
+"""RMSNorm kernels against their reference: forward, dX and dW, fp32 / bf16 (fp16 on the GPU), under the
+accuracy rule of kernel_rules.py."""
 
 from __future__ import annotations
 
@@ -11,7 +7,17 @@ import importlib
 
 import pytest
 import torch
-from kernel_rules import assert_no_worse, kernels_runnable
+from kernel_rules import (
+    DEVICE,
+    GPU_DTYPES,
+    assert_all_no_worse,
+    assert_no_worse,
+    dispatched,
+    kernels_runnable,
+    relayout,
+    run_with_grads,
+    uneven_upstream,
+)
 
 from fasttune.kernels.rms_norm import (
     AddRMSNormFunction,
@@ -24,8 +30,6 @@ from fasttune.kernels.rms_norm import (
 
 # the package exports a function of the same name, so the module is fetched by its path
 rn = importlib.import_module("fasttune.kernels.rms_norm")
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 EPS = 1e-6
 
 
@@ -46,59 +50,19 @@ def _truth(x, w, eps, offset):
     return n * (offset + w.double())
 
 
-def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as `t` in another memory layout."""
-    if layout == "contiguous":
-        return t.contiguous()
-    if layout == "row_strided":  # a view of a wider buffer: rows strided, columns unit-stride
-        buf = torch.zeros(*t.shape[:-1], t.shape[-1] + 17, dtype=t.dtype, device=t.device)
-        buf[..., : t.shape[-1]] = t
-        return buf[..., : t.shape[-1]]
-    if layout == "transposed":  # rows not evenly strided: the launcher must copy
-        return t.transpose(0, 1).contiguous().transpose(0, 1)
-    if layout == "col_strided":  # last dim not unit-stride
-        buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-        buf[..., ::2] = t
-        return buf[..., ::2]
-    if layout == "expanded":  # stride-0 rows (e.g. an upstream gradient of a broadcast)
-        return t[:1].expand_as(t)
-    raise ValueError(layout)
-
-
 def _upstream(shape, dtype, device, layout="contiguous"):
-    """Uneven upstream gradients: rows scaled over four orders of magnitude, some rows all zero
-    (tokens whose loss is ignored). fp16's range is kept clear of the all-zero input row, whose
-    dx = dy * w / sqrt(eps) would overflow with a large dy in the reference and the kernel alike."""
-    dy = torch.randn(shape, device=device)
-    rows = dy.reshape(-1, shape[-1])
-    hi = -1.0 if dtype == torch.float16 else 2.0
-    rows.mul_(torch.logspace(hi - 4, hi, rows.shape[0], device=device)[torch.randperm(rows.shape[0], device=device)][:, None])
-    rows[::7] = 0
-    return _layout(dy.to(dtype), layout)
+    """fp16's range is kept clear of the all-zero input row, whose dx = dy * w / sqrt(eps) would overflow
+    with a large dy in the reference and the kernel alike."""
+    return uneven_upstream(shape, dtype, device, layout, top=-1.0 if dtype == torch.float16 else 2.0, zero_every=7)
 
 
 def _inputs(shape, dtype, offset, device, layout="contiguous", w_dtype=None):
     x = torch.randn(shape, device=device) * 3 + 0.5
     x.reshape(-1, shape[-1])[3 % x.reshape(-1, shape[-1]).shape[0]] = 0  # an all-zero row: rstd = eps**-0.5
-    x = _layout(x.to(dtype), layout)
+    x = relayout(x.to(dtype), layout)
     base = 0.0 if offset else 1.0
     w = (base + 0.2 * torch.randn(shape[-1], device=device)).to(w_dtype or dtype)
     return x, w
-
-
-def _run_rms(fn, x, w, dy, offset, want_x=True, want_w=True):
-    x = x.detach().requires_grad_(want_x)
-    w = w.detach().requires_grad_(want_w)
-    y = fn(x, w, EPS, offset)
-    wrt = [t for t in (x, w) if t.requires_grad]
-    grads = torch.autograd.grad(y, wrt, dy)
-    out = {"y": y.detach()}
-    it = iter(grads)
-    if want_x:
-        out["dx"] = next(it)
-    if want_w:
-        out["dw"] = next(it)
-    return out
 
 
 def check_rms(shape, dtype, offset, device=DEVICE, layout="contiguous", dy_layout="contiguous", w_dtype=None,
@@ -106,12 +70,15 @@ def check_rms(shape, dtype, offset, device=DEVICE, layout="contiguous", dy_layou
     x, w = _inputs(shape, dtype, offset, device, layout, w_dtype)
     y_dtype = x.dtype if offset else torch.promote_types(x.dtype, w.dtype)
     dy = _upstream(shape, y_dtype, device, dy_layout)
-    got = _run_rms(fn, x, w, dy, offset, want_x, want_w)
-    ref = _run_rms(rms_norm_reference, x, w, dy, offset, want_x, want_w)
-    truth = _run_rms(_truth, x.double(), w.double(), dy.double(), offset, want_x, want_w)
-    assert set(got) == set(ref)
-    for k in got:
-        assert_no_worse(f"{k} {tuple(shape)} {dtype} offset={offset} {layout}", got[k], ref[k], truth[k], dtype)
+    wanted = {"x": want_x, "w": want_w}
+
+    def run(f, x, w, dy):
+        return run_with_grads(f, {"x": x, "w": w}, wanted, dy, EPS, offset, out="y")
+
+    got = run(fn, x, w, dy)
+    ref = run(rms_norm_reference, x, w, dy)
+    assert_all_no_worse(f"{tuple(shape)} {dtype} offset={offset} {layout}", got, ref,
+                        run(_truth, x.double(), w.double(), dy.double()), dtype)
     if dtype == torch.float32 and w.dtype == torch.float32:
         torch.testing.assert_close(got["y"], ref["y"], rtol=1e-5, atol=1e-5)
 
@@ -210,7 +177,7 @@ def _run_add(fn, x, r, w, dy, ds, offset):
 def test_add_rms_norm(dtype, offset, grads):
     shape = (3, 41, 123)
     x, w = _inputs(shape, dtype, offset, DEVICE, "row_strided")
-    r = _layout(torch.randn(shape, device=DEVICE).to(dtype), "transposed")
+    r = relayout(torch.randn(shape, device=DEVICE).to(dtype), "transposed")
     dy = _upstream(shape, dtype, DEVICE) if grads != "residual_only" else None
     ds = _upstream(shape, dtype, DEVICE, "col_strided") if grads != "normed_only" else None
     got = _run_add(AddRMSNormFunction.apply, x, r, w, dy, ds, offset)
@@ -232,14 +199,9 @@ def test_add_rms_norm_dispatch_off_cuda_is_reference():
 # GPU at real sizes, through the public dispatch
 # --------------------------------------------------------------------------------------------
 
-GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _public(x, w, eps, offset):
-    y = rms_norm(x, w, eps, offset)
-    if y.requires_grad:
-        assert type(y.grad_fn).__name__.startswith("RMSNormFunction"), "dispatch did not pick the Triton kernel"
-    return y
+_public = dispatched(rms_norm, "RMSNormFunction")
 
 
 @pytest.mark.gpu
@@ -282,12 +244,7 @@ def test_gpu_add_rms_norm_real_sizes(dtype, offset):
     r = torch.randn(shape, device="cuda").to(dtype)
     dy, ds = _upstream(shape, dtype, "cuda"), _upstream(shape, dtype, "cuda")
 
-    def public(*a):
-        y, s = add_rms_norm(*a)
-        assert type(y.grad_fn).__name__.startswith("AddRMSNormFunction")
-        return y, s
-
-    got = _run_add(public, x, r, w, dy, ds, offset)
+    got = _run_add(dispatched(add_rms_norm, "AddRMSNormFunction"), x, r, w, dy, ds, offset)
     ref = _run_add(add_rms_norm_reference, x, r, w, dy, ds, offset)
     truth = _run_add(_truth_add, x.double(), r.double(), w.double(), dy.double(), ds.double(), offset)
     for k in got:

@@ -14,6 +14,7 @@ import types
 
 import pytest
 import torch
+from kernel_rules import DEVICE
 
 from fasttune.kernels import apply_rope, apply_rope_reference, rope_cos_sin
 from fasttune.kernels import rope as rope_mod
@@ -21,7 +22,6 @@ from fasttune.models.rope import rope_inv_freq
 
 triton = pytest.importorskip("triton")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # --------------------------------------------------------------------------------------------
