@@ -29,7 +29,8 @@ is recorded as "wrong" with its errors and is not timed; one that raises is reco
 without the op as "unsupported".
 
 Time: median over CUDA events around single calls, L2 flushed before each (triton.testing.do_bench's
-method, with at least 5 timed calls; --quick: shorter); peak memory: max allocated
+method, with at least 5 timed calls; --quick: shorter), the GPU held by a sleep while the host queues
+the call, so that the time is the GPU's (host launch overhead is the train benchmark's business); peak memory: max allocated
 during one call minus allocated before it (held_mb: what the call leaves allocated, its outputs and saved
 tensors; transient_mb = peak - held). Memory-bound ops report achieved GB/s over the minimal traffic
 (each input read once, each output written once; fwd+bwd adds the upstream gradient read and the input
@@ -529,12 +530,31 @@ def _sync(device):
 
 
 _FLUSH = None
+_SLEEP_CYCLES_PER_MS = None
+
+
+def _gpu_hold(ms: float) -> None:
+    """Keep the GPU busy for about `ms` (torch.cuda._sleep, calibrated once), so that the host can queue
+    a whole timed call before the GPU reaches its start event."""
+    global _SLEEP_CYCLES_PER_MS
+    if _SLEEP_CYCLES_PER_MS is None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # warm
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+        _SLEEP_CYCLES_PER_MS = 10_000_000 / max(start.elapsed_time(end), 1e-3)
+    torch.cuda._sleep(int(ms * _SLEEP_CYCLES_PER_MS))
 
 
 def time_ms(fn, device, timing: dict) -> float:
-    """Median milliseconds of one call. CUDA: triton.testing.do_bench's method (CUDA events around each call,
-    L2 flushed before it, call counts from a first estimate), with at least `min_calls` timed calls, so
-    that a 50 ms loss is not timed once or twice."""
+    """Median milliseconds of one call's GPU work. CUDA: triton.testing.do_bench's method (CUDA events
+    around each call, L2 flushed before it, call counts from a first estimate), with at least `min_calls`
+    timed calls, so that a 50 ms loss is not timed once or twice; and, before each start event, a GPU
+    sleep longer than the call takes the host to queue, so that host time (Python, the autograd
+    engine's start-up: ~0.1-0.3 ms, comparable to a memory-bound kernel) is not counted as the
+    kernel's. In training the host runs ahead of the GPU; the train benchmark counts everything."""
     if device.type == "cuda":
         global _FLUSH
         if _FLUSH is None:
@@ -550,10 +570,16 @@ def time_ms(fn, device, timing: dict) -> float:
         estimate = max(start.elapsed_time(end) / 3, 1e-3)
         for _ in range(min(max(1, int(timing["warmup_ms"] / estimate)), 100)):
             fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()  # host time to queue one call (a call that synchronizes inside counts its GPU time too)
+        host_ms = (time.perf_counter() - t0) * 1e3
+        hold_ms = min(2.0 * host_ms + 0.05, 20.0)
         calls = min(max(timing["min_calls"], int(timing["rep_ms"] / estimate)), timing["max_calls"])
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
         for start, end in events:
             _FLUSH.zero_()
+            _gpu_hold(hold_ms)
             start.record()
             fn()
             end.record()
@@ -871,7 +897,7 @@ def main(argv=None) -> int:
         t_shape = time.perf_counter()
         record = {"benchmark": BENCHMARK, "status": "partial", "shape": dims["name"], "size": args.size,
                   "device": device.type, "dtype": "bfloat16", "quick": args.quick, "dims": dims, "machine": machine,
-                  "timing": {"method": "CUDA events, median, L2 flushed" if device.type == "cuda" else "perf_counter",
+                  "timing": {"method": "CUDA events, median, L2 flushed, host queueing hidden behind a GPU sleep" if device.type == "cuda" else "perf_counter",
                              **runner.timing},
                   "tolerance": {"factor_over_eager": TOL_FACTOR, "floor_16bit": TOL_FLOOR_16, "floor_32bit": TOL_FLOOR_32},
                   "cases": []}

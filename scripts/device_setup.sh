@@ -22,6 +22,11 @@ else
        "trl and datasets may be missing" >&2
 fi
 
+# the tests' real tokenizer (SmolLM2's), carried in .whl/tokenizer (tests/conftest.py: tokenizer_dir)
+if [ -f "$FASTTUNE_REPO/.whl/tokenizer/tokenizer.json" ]; then
+  export FASTTUNE_TEST_TOKENIZER="$FASTTUNE_REPO/.whl/tokenizer"
+fi
+
 export PYTHONPATH="$FASTTUNE_SITE:$FASTTUNE_REPO${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export HF_HUB_DISABLE_TELEMETRY=1 HF_HUB_DISABLE_PROGRESS_BARS=1 DO_NOT_TRACK=1

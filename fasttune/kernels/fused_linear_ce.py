@@ -7,19 +7,21 @@ The (tokens x vocab) logits are never materialized. Tokens whose target is ignor
 front (they contribute nothing), the rest are processed C at a time:
 
     z_c   = h_c W^T (+ b + u_c B^T)            (C x V, compute dtype, fp32 accumulation in the matmul)
-    G_c   = d loss / d z_c                     written over z_c by the cross-entropy kernel, with g = 1
+    G_c   = n * d loss / d z_c                 written over z_c by the cross-entropy kernel (softmax - onehot)
     dh_c  = G_c W        du_c = G_c B
     dW   += G_c^T h_c    dB  += G_c^T u_c     db += sum_rows G_c      (only what requires grad)
 
-all during the forward, so the backward only multiplies the stored gradients by the upstream g.
+all during the forward, into fp32 accumulators, so the backward only multiplies the stored gradients
+by g / n (g the upstream gradient, n the normalizer). G_c is kept unscaled: scaled by 1/n its entries
+fall below fp16's subnormal range at realistic token counts (p / n ~ 1e-9 for a 128K vocabulary).
+Where a 16-bit matmul cannot write fp32 (torch < 2.8 on CUDA) the accumulators are 16-bit and G_c is
+scaled by 1/n up front instead, so that a sum over many tokens cannot overflow fp16.
 Peak extra memory: one C x V chunk plus dh (and dW when lm_head trains), instead of the logits
 path's two N x V buffers. On CUDA the chunk's cross-entropy is the Triton kernel; elsewhere the same
 math in PyTorch.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ from .cross_entropy import (
     causal_lm_loss_reference,
     cross_entropy_rows,
 )
+from .matmul import fp32_accumulator, mm_into
 
 
 def fused_linear_cross_entropy_reference(
@@ -84,37 +87,6 @@ def _chunk_ce(z, targets, scale, softcap, ignore_index, write_grad, use_triton, 
     return _chunk_ce_torch(z, targets, scale, softcap, ignore_index, write_grad)
 
 
-@functools.cache
-def _fp32_out_matmul_works(device: str) -> bool:
-    """Whether mm / addmm write 16-bit products straight into fp32 (torch >= 2.8 on CUDA; the CPU
-    path upcasts its small test operands instead)."""
-    if not device.startswith("cuda"):
-        return True
-    try:
-        a = torch.ones(8, 16, device=device, dtype=torch.bfloat16)
-        acc = torch.ones(8, 8, device=device, dtype=torch.float32)
-        torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
-        out = torch.empty(8, 8, device=device, dtype=torch.float32)
-        torch.mm(a, a.t(), out_dtype=torch.float32, out=out)
-        return bool((acc == 17).all()) and bool((out == 16).all())
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-
-
-def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """out (+)= a @ b, fp32 `out` from 16-bit operands without an out-sized temporary."""
-    if out.dtype == a.dtype:
-        torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
-    elif out.is_cuda:
-        if accumulate:
-            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-        else:
-            torch.mm(a, b, out_dtype=out.dtype, out=out)
-    else:
-        a, b = a.to(out.dtype), b.to(out.dtype)
-        out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
-
-
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     kind = hidden.device.type
     if torch.is_autocast_enabled(kind):
@@ -123,17 +95,23 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _default_chunk(tokens: int, hidden: int, vocab: int, trains_weight: bool = False) -> int:
-    """Tokens per chunk, from two limits:
-    - memory: a chunk's logits about twice the hidden states (at least 32M elements), far below the
-      full logits (1/16 of them at vocab = 32 x hidden); 4x that when lm_head trains, as every chunk
-      then re-reads and re-writes the fp32 dW;
-    - speed: the dX product (C x hidden outputs, each a sum over the vocabulary) needs C * hidden of
-      about 4M outputs, one wave of 128x256 tiles on an H100's 132 SMs; the memory limit alone gives
-      a 256K vocabulary 128-token chunks and a tenth of a wave."""
-    budget = max(2 * tokens * hidden, 1 << 25) * (4 if trains_weight else 1)
-    by_memory = budget // max(vocab, 1)
-    by_gemm = -(-(1 << 22) // max(hidden, 1))
-    return max(128, -(-max(by_memory, by_gemm) // 64) * 64)
+    """Tokens per chunk (a multiple of 64, at least 128), from the H100 measurements in
+    benchmarks/results (scripts/kernel_sweep.py):
+    - lm_head frozen (LoRA): the dX product (C x hidden outputs, each a sum over the vocabulary) needs
+      C * hidden of about 4M outputs, one wave of 128x256 tiles on 132 SMs, or it runs at a fraction
+      of the GPU (1024 tokens at Llama's hidden 4096, 1821 at Gemma-2-2B's 2304); but a chunk's logits
+      stay within a quarter of the full logits (C <= N / 4: with dh and the rest, about 1/8 of the
+      logits path's two N x V buffers), and are at least about twice the hidden states when that is
+      larger (short vocabularies);
+    - lm_head trained: every chunk re-reads and re-writes the fp32 dW (V x H), so few large chunks:
+      a chunk's logits as large as half that accumulator (C = hidden), which training needs anyway."""
+    if trains_weight:
+        want = hidden
+    else:
+        by_memory = max(2 * tokens * hidden, 1 << 25) // max(vocab, 1)
+        by_gemm = -(-(1 << 22) // max(hidden, 1))
+        want = min(max(by_memory, by_gemm), tokens // 4)
+    return max(128, want // 64 * 64)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -161,17 +139,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             b = bias.to(cdt) if bias is not None else None
             Bm = lora_b.to(cdt) if lora_b is not None else None
             # gradients stay fp32 until the backward has applied the upstream gradient: one rounding
-            acc_dt = cdt
-            if cdt in (torch.float16, torch.bfloat16) and _fp32_out_matmul_works(str(hk.device)):
-                acc_dt = torch.float32
+            acc_dt = fp32_accumulator(cdt, hk.device)
             dhk = torch.empty(hk.shape, device=hk.device, dtype=acc_dt) if need_dh else None
             duk = torch.empty(uk.shape, device=hk.device, dtype=acc_dt) if need_du else None
             dW = torch.zeros(V, H, device=hk.device, dtype=acc_dt) if need_dw else None
             dB = torch.zeros(Bm.shape, device=hk.device, dtype=acc_dt) if need_dbb else None
             db = torch.zeros(V, device=hk.device, dtype=torch.float32) if need_db else None
-            scale = (1.0 / n).reshape(1)
+            # unscaled chunk gradients into fp32 accumulators, 1/n applied in the backward (module doc)
+            prescale = acc_dt != torch.float32
+            scale = (1.0 / n).reshape(1) if prescale else torch.ones(1, device=hk.device)
             loss_sum = torch.zeros((), device=hk.device, dtype=torch.float32)
-            C = int(chunk) if chunk else _default_chunk(K, H, V, trains_weight=need_dw or need_dbb)
+            C = int(chunk) if chunk else _default_chunk(K, H, V, trains_weight=need_dw)
             for s in range(0, K, C):
                 h_c = hk[s:s + C]
                 z = torch.addmm(b, h_c, W.t()) if b is not None else torch.mm(h_c, W.t())
@@ -183,13 +161,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     continue
                 # z now holds the chunk's gradient G_c
                 if need_dh:
-                    _mm(dhk[s:s + C], z, W, accumulate=False)
+                    mm_into(dhk[s:s + C], z, W, accumulate=False)
                 if need_du:
-                    _mm(duk[s:s + C], z, Bm, accumulate=False)
+                    mm_into(duk[s:s + C], z, Bm, accumulate=False)
                 if need_dw:
-                    _mm(dW, z.t(), h_c, accumulate=True)
+                    mm_into(dW, z.t(), h_c, accumulate=True)
                 if need_dbb:
-                    _mm(dB, z.t(), uk[s:s + C], accumulate=True)
+                    mm_into(dB, z.t(), uk[s:s + C], accumulate=True)
                 if need_db:
                     db += z.float().sum(0)
                 del z
@@ -200,6 +178,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype,
                       None if lora_u is None else lora_u.dtype, None if lora_b is None else lora_b.dtype)
         ctx.rows, ctx.spent = N, False
+        ctx.post_scale = None if prescale else n
         return loss_sum / n
 
     @staticmethod
@@ -217,7 +196,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if not present:
                 out.append(None)
                 continue
-            g = next(saved).mul_(grad_loss).to(dtype)
+            g = next(saved).mul_(grad_loss if ctx.post_scale is None else grad_loss / ctx.post_scale).to(dtype)
             if i in (0, 3):  # per-token gradients: scatter back over the ignored tokens
                 shape = ctx.shapes[0 if i == 0 else 1]
                 if keep.numel() != ctx.rows:

@@ -47,6 +47,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import activations as _act
 from ..kernels import dispatch
+from ..kernels.matmul import fp32_accumulator, mm_f32, mm_into
 
 __all__ = [
     "MLP_ACTIVATIONS",
@@ -114,24 +115,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-_mm_out_dtype_works = True
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b as fp32. On CUDA cuBLAS writes its fp32 accumulator out directly (mm's
-    out_dtype), so the r-sized adapter gradients skip one rounding for free; elsewhere
-    the product is rounded to the inputs' dtype first."""
-    global _mm_out_dtype_works
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if a.is_cuda and _mm_out_dtype_works and a.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # this torch has no mm(out_dtype=) for it
-            _mm_out_dtype_works = False
-    return torch.mm(a, b).float()
-
-
 def _proj_forward(x2, proj, dtype):
     """y = x W^T + s (x A^T) B^T for 2-D x in `dtype`. Returns (y, x A^T or None)."""
     weight, A, B, s = proj
@@ -147,26 +130,31 @@ def _proj_forward(x2, proj, dtype):
     return y, xa
 
 
-def _proj_backward(dy, inp, inp_a, proj, dtype, need, dinp=None):
+def _proj_backward(dy, inp, inp_a, proj, dtype, need, dinp=None, acc_dtype=None):
     """Gradients of one projection proj = (W, A, B, s): dy (N, out) and inp (N, in) in
     `dtype`, inp_a = inp A^T, need = (dinp, dA, dB) flags. dy W + s (dy B) A is added
-    into `dinp` (or starts it). Returns (dinp, dA, dB)."""
+    into `dinp` (or starts it, in `acc_dtype`, default `dtype`: projections that share an
+    input sum their dX terms in fp32, kernels.matmul). Returns (dinp, dA, dB)."""
     weight, A, B, s = proj
     need_dinp, need_dA, need_dB = need
     dA = dB = None
     if need_dinp:
         w = dense_weight(weight, dtype)  # dequantized again; freed on return
-        dinp = torch.mm(dy, w) if dinp is None else dinp.addmm_(dy, w)
+        if dinp is None:
+            dinp = torch.empty(dy.shape[0], w.shape[1], device=dy.device, dtype=acc_dtype or dtype)
+            mm_into(dinp, dy, w, accumulate=False)
+        else:
+            mm_into(dinp, dy, w, accumulate=True)
         del w
     if A is not None and (need_dinp or need_dA):
         dyB = torch.mm(dy, B.to(dtype))  # (N, r)
         if need_dinp:
-            dinp.addmm_(dyB, A.to(dtype), alpha=s)
+            mm_into(dinp, dyB, A.to(dtype), accumulate=True, alpha=s)
         if need_dA:
             # Scaling after the product, in fp32: no extra rounding of dy or dyB.
-            dA = _mm_f32(dyB.t(), inp).mul_(s).to(A.dtype)
+            dA = mm_f32(dyB.t(), inp).mul_(s).to(A.dtype)
     if B is not None and need_dB:
-        dB = _mm_f32(dy.t(), inp_a).mul_(s).to(B.dtype)
+        dB = mm_f32(dy.t(), inp_a).mul_(s).to(B.dtype)
     return dinp, dA, dB
 
 
@@ -260,13 +248,14 @@ class _SharedInputProjections(torch.autograd.Function):
         xas, adapters = rest[:n], rest[n:]
         need_dx = ctx.needs_input_grad[0]
         dx, grads = None, []
+        acc = fp32_accumulator(dtype, dys[0].device) if n > 1 else dtype
         with torch.autocast(dys[0].device.type, enabled=False):
             for i, (nA, nB) in enumerate(_needs(ctx, 2, n)):
                 A, B = adapters[2 * i], adapters[2 * i + 1]
                 proj = (ctx.weights[i], A, B, ctx.scalings[i])
                 dy = dys[i].reshape(-1, dys[i].shape[-1]).to(dtype)
                 need = (need_dx, nA, nB)
-                dx, dA, dB = _proj_backward(dy, x2, xas[i], proj, dtype, need, dx)
+                dx, dA, dB = _proj_backward(dy, x2, xas[i], proj, dtype, need, dx, acc)
                 grads += [None, dA, dB, None]
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
@@ -398,7 +387,8 @@ class _LoRAMLP(torch.autograd.Function):
                 dg, du = _glu_backward(dh, g2, u2, kind)
                 del dh
                 need = (need_dx, nA_g, nB_g)
-                dx, dAg, dBg = _proj_backward(dg, x2, xa_g, gate, dtype, need)
+                acc = fp32_accumulator(dtype, dg.device)  # gate and up both feed dX
+                dx, dAg, dBg = _proj_backward(dg, x2, xa_g, gate, dtype, need, None, acc)
                 del dg
                 need = (need_dx, nA_u, nB_u)
                 dx, dAu, dBu = _proj_backward(du, x2, xa_u, up, dtype, need, dx)

@@ -113,7 +113,8 @@ def test_training_steps_reduce_the_loss(model_dirs, family):
 
 
 def test_checkpointing_changes_no_gradient(model_dirs):
-    """One fp32 step with fasttune's checkpointing on and off: the same LoRA gradients."""
+    """One fp32 step without checkpointing, with recompute and with offloaded checkpointing: the same LoRA
+    gradients (for_training(True) keeps an earlier offloaded kind, so False comes first)."""
     model, _ = fast_lora(model_dirs("llama"), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -121,16 +122,17 @@ def test_checkpointing_changes_no_gradient(model_dirs):
                 p.copy_(torch.randn_like(p) * 0.05)
     ids = torch.randint(3, model.config.vocab_size, (2, 48), device=DEVICE)
     grads = {}
-    for mode in (True, False):
+    for mode, state in ((False, False), (True, "recompute"), ("unsloth", "offload")):
         FastLanguageModel.for_training(model, use_gradient_checkpointing=mode)
-        assert fast_state(model).gradient_checkpointing is mode
+        assert fast_state(model).gradient_checkpointing == state
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     for name, g in grads[False].items():
         assert g.abs().max() > 0, name
-        torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(),
-                                   msg=lambda m: f"{name}: {m}")
+        for mode in (True, "unsloth"):
+            torch.testing.assert_close(grads[mode][name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(),
+                                       msg=lambda m, mode=mode, name=name: f"{mode} {name}: {m}")
 
 
 @needs_cuda
