@@ -108,8 +108,8 @@ def test_gpu_offloading_saves_the_layer_inputs(tiny_model_dir):
         torch.cuda.synchronize()
         peaks[gc] = torch.cuda.max_memory_allocated() - base
         del model
-    for name, want in grads[True].items():
-        torch.testing.assert_close(grads["unsloth"][name], want, rtol=1e-4, atol=1e-6)
+    for name, want in grads[True].items():  # the attention backward on CUDA sums in a varying order
+        torch.testing.assert_close(grads["unsloth"][name], want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     layer_input = 4 * 512 * 512 * 4  # rows x length x hidden, fp32 on this test's model
     # the layer inputs of all but the layer being recomputed left the GPU
     assert peaks[True] - peaks["unsloth"] >= 0.5 * 7 * layer_input, peaks
