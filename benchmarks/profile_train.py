@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a training step's time goes: torch.profiler over a few steps of train.py's loop, per stack.
 
-    python3 benchmarks/profile_train.py --stack fasttune --stack hf [--model llama-1b] [--seq 2048] [--batch 2]
+    python3 benchmarks/profile_train.py --stack fasttune --stack hf [--model llama-1b] [--quant 4bit] [--seq 2048] [--batch 2]
 
 Prints, per stack, the mean step time and the top kernels by device time and top operators by host
 time, so that a gap between two stacks can be pinned to the operators that cause it. A diagnostic,
@@ -30,7 +30,7 @@ def profile(stack: str, args) -> None:
 
     spec = common.model_spec(args.model, args.size)
     ckpt = common.ensure_checkpoint(spec, size=args.size)
-    model = stacks.load_for_training(stack, str(ckpt), spec, quant="16bit", method="lora", seq=args.seq,
+    model = stacks.load_for_training(stack, str(ckpt), spec, quant=args.quant, method="lora", seq=args.seq,
                                      gc=not args.no_gc)
     data = common.random_batches(spec.config["vocab_size"], args.batch * (args.warmup + args.steps), args.seq)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--stack", action="append", choices=stacks.STACKS, required=True)
     p.add_argument("--model", choices=sorted(common.MODELS), default="llama-1b")
     p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--quant", choices=["16bit", "4bit"], default="16bit")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3)

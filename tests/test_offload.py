@@ -43,9 +43,9 @@ def offload_on_cpu(monkeypatch):
     copies = []
     original = offload._to_host
 
-    def counting(hidden, slot):
+    def counting(hidden, slot, owner):
         copies.append(slot)
-        return original(hidden, slot)
+        return original(hidden, slot, owner)
 
     monkeypatch.setattr(offload, "_to_host", counting)
     return copies
@@ -113,3 +113,22 @@ def test_gpu_offloading_saves_the_layer_inputs(tiny_model_dir):
     layer_input = 4 * 512 * 512 * 4  # rows x length x hidden, fp32 on this test's model
     # the layer inputs of all but the layer being recomputed left the GPU
     assert peaks[True] - peaks["unsloth"] >= 0.5 * 7 * layer_input, peaks
+
+
+@pytest.mark.gpu
+def test_gpu_two_forwards_before_one_backward(tiny_model_dir):
+    """Two losses summed before one backward: the second forward must not overwrite the first one's
+    parked layer inputs (pooled host buffers), and the prefetched copies must be the right ones."""
+    model_dir = tiny_model_dir("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+    first = {k: v.cuda() for k, v in uneven_batch(1000, rows=2, length=64).items()}
+    second = {k: v.cuda() for k, v in uneven_batch(2000, rows=2, length=64).items()}
+    grads = {}
+    for gc in (False, "unsloth"):
+        model = _model(model_dir, gc).cuda()
+        for _ in range(2):  # the second step reuses the pooled buffers
+            model.zero_grad(set_to_none=True)
+            (model(**first).loss + model(**second).loss).backward()
+        grads[gc] = _all_grads(model)
+        del model
+    for name, want in grads[False].items():
+        torch.testing.assert_close(grads["unsloth"][name], want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
