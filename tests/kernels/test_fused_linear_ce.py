@@ -310,9 +310,9 @@ def test_gpu_memory_and_time_vs_logits_path(train_weight):
     t_logits, t_fused = _time_ms(logits_path), _time_ms(fused_path)
     print(f"train_weight={train_weight}: peak extra {mem_fused / 2**20:.0f} MiB vs {mem_logits / 2**20:.0f} MiB, "
           f"time {t_fused:.2f} ms vs {t_logits:.2f} ms")
-    if train_weight:  # dW (fp32 while it accumulates) dominates both paths here
-        assert mem_fused <= 0.8 * mem_logits
-        assert t_fused <= 1.25 * t_logits
+    if train_weight:  # dW (fp32 while it accumulates, then its bf16 result) dominates both paths here
+        assert mem_fused <= 0.9 * mem_logits  # H100: 0.80 (3.19 GB against 4.01 GB)
+        assert t_fused <= 1.25 * t_logits  # H100: 1.10
     else:
         assert mem_fused <= mem_logits / 8
         assert t_fused <= 1.1 * t_logits
