@@ -100,7 +100,7 @@ def provenance() -> dict:
         # switches that change what fasttune runs (FASTTUNE_DISABLE_TRITON=1, FASTTUNE_FUSED_LORA=0: the
         # "before" of a before/after pair); the harness's own variables are not switches
         "fasttune_env": {k: v for k, v in sorted(os.environ.items())
-                         if k.startswith("FASTTUNE_") and not k.startswith(("FASTTUNE_BENCH", "FASTTUNE_GIT"))},
+                         if k.startswith("FASTTUNE_") and not k.startswith(("FASTTUNE_BENCH", "FASTTUNE_GIT", "FASTTUNE_TEST"))},
     }
 
 
