@@ -142,11 +142,16 @@ class Op:
     def make(self, gen, device, dtype) -> dict:
         raise NotImplementedError
 
+    # (module, reference function, public function): what the eager/compile and fasttune rows call
+    functions: tuple[str, str, str] = ("", "", "")
+
     def reference(self):
-        raise NotImplementedError
+        module, name, _ = self.functions
+        return _kernel(module, name)
 
     def public(self):
-        raise NotImplementedError
+        module, _, name = self.functions
+        return _kernel(module, name)
 
     def call(self, fn, t: dict):
         raise NotImplementedError
@@ -187,11 +192,7 @@ class RMSNorm(Op):
         return {"x": _randn(gen, (d["batch"], d["seq"], d["hidden"]), device, dtype),
                 "weight": _randn(gen, (d["hidden"],), device, dtype, 0.1, 0.0 if d["norm_offset"] else 1.0)}
 
-    def reference(self):
-        return _kernel("rms_norm", "rms_norm_reference")
-
-    def public(self):
-        return _kernel("rms_norm", "rms_norm")
+    functions = ("rms_norm", "rms_norm_reference", "rms_norm")
 
     def call(self, fn, t):
         return fn(t["x"], t["weight"], self.d["eps"], self.d["norm_offset"])
@@ -222,11 +223,7 @@ class GLU(Op):
         shape = (self.d["batch"], self.d["seq"], self.d["intermediate"])
         return {"gate": _randn(gen, shape, device, dtype), "up": _randn(gen, shape, device, dtype)}
 
-    def reference(self):
-        return _kernel("activations", "glu_activation_reference")
-
-    def public(self):
-        return _kernel("activations", "glu_activation")
+    functions = ("activations", "glu_activation_reference", "glu_activation")
 
     def call(self, fn, t):
         return fn(t["gate"], t["up"], self.kind)
@@ -261,11 +258,7 @@ class Rope(Op):
         return {"q": _randn(gen, (b, s, d["heads"], hd), device, dtype),
                 "k": _randn(gen, (b, s, d["kv_heads"], hd), device, dtype), "cos": cos, "sin": sin}
 
-    def reference(self):
-        return _kernel("rope", "apply_rope_reference")
-
-    def public(self):
-        return _kernel("rope", "apply_rope")
+    functions = ("rope", "apply_rope_reference", "apply_rope")
 
     def call(self, fn, t):
         return tuple(fn(t["q"].transpose(1, 2), t["k"].transpose(1, 2), t["cos"], t["sin"]))
@@ -307,11 +300,7 @@ class CrossEntropy(Op):
         return {"logits": _randn(gen, (d["batch"], d["seq"], d["vocab"]), device, dtype, 3.0),
                 "labels": _labels(gen, d, device)}
 
-    def reference(self):
-        return _kernel("cross_entropy", "causal_lm_loss_reference")
-
-    def public(self):
-        return _kernel("cross_entropy", "causal_lm_loss")
+    functions = ("cross_entropy", "causal_lm_loss_reference", "causal_lm_loss")
 
     def call(self, fn, t):
         return fn(t["logits"], shift_labels=t["labels"], **_softcap_kw(self.d["softcap"]))
@@ -351,11 +340,7 @@ class FusedLinearCE(Op):
                 "weight": _randn(gen, (d["vocab"], d["hidden"]), device, dtype, 3.0 / math.sqrt(d["hidden"])),
                 "labels": _labels(gen, d, device)}
 
-    def reference(self):
-        return _kernel("fused_linear_ce", "fused_linear_cross_entropy_reference")
-
-    def public(self):
-        return _kernel("fused_linear_ce", "fused_linear_cross_entropy")
+    functions = ("fused_linear_ce", "fused_linear_cross_entropy_reference", "fused_linear_cross_entropy")
 
     def call(self, fn, t):
         return fn(t["hidden"], t["weight"], shift_labels=t["labels"], softcap=self.d["softcap"])
@@ -425,11 +410,7 @@ class NF4Dequantize(_NF4):
     def variant(self):
         return f"{self.d['intermediate']} x {self.d['hidden']} -> bf16"
 
-    def reference(self):
-        return _kernel("fasttune.quant.nf4", "dequantize_nf4_reference")
-
-    def public(self):
-        return _kernel("fasttune.quant.nf4", "dequantize_nf4")
+    functions = ("fasttune.quant.nf4", "dequantize_nf4_reference", "dequantize_nf4")
 
     def call(self, fn, t):
         return fn(self.weight(t), self.meta["dtype"])

@@ -451,12 +451,7 @@ def kernels_chart(runs: dict, path: Path, title: str) -> Path | None:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-    fig.suptitle(textwrap.fill(title, 200), fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_chart(fig, path, title, 200, (handles, labels, len(labels)))
 
 
 def _rel(path: Path) -> str:
@@ -469,6 +464,23 @@ def _rel(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------
 # Charts
 # ------------------------------------------------------------------------------------------------
+
+
+def _save_chart(fig, path: Path, title: str, wrap: int, legend: tuple | None = None) -> Path:
+    """The charts' common ending: a legend below the plots (legend = (handles, labels, columns)), the
+    title wrapped at `wrap` characters on top, the file written, the figure closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(textwrap.fill(title, wrap), fontsize=8)
+    if legend is None:
+        fig.tight_layout()
+    else:
+        handles, labels, ncol = legend
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
+        fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 COLORS = {"fasttune": "#d62728", "unsloth": "#2ca02c", "liger": "#9467bd", "hf": "#1f77b4"}
 
@@ -503,12 +515,7 @@ def train_chart(runs: dict, path: Path, title: str) -> Path | None:
     axes[0].set_yticklabels([config_label(c) for c, _ in groups], fontsize=8)
     axes[0].invert_yaxis()
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(STACK_ORDER), frameon=False)
-    fig.suptitle(textwrap.fill(title, 170), fontsize=8)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_chart(fig, path, title, 170, (handles, labels, len(STACK_ORDER)))
 
 
 def decode_chart(runs: dict, path: Path, title: str, copy: float | None = None) -> Path | None:
@@ -538,11 +545,7 @@ def decode_chart(runs: dict, path: Path, title: str, copy: float | None = None) 
         ax.set_xticklabels(names, fontsize=7)
         ax.set_title(f"batch {batch}: decode tokens/s (all sequences)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(textwrap.fill(title, 120), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_chart(fig, path, title, 120)
 
 
 def update_readme(readme: Path, block: str) -> bool:

@@ -7,6 +7,7 @@ the plain PyTorch reference run in the same dtype. On a CPU the kernels run in T
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,6 +36,19 @@ def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
 def kernels_runnable(jit_function) -> bool:
     """On a GPU always; on a CPU only in Triton's interpreter (TRITON_INTERPRET=1 before the import)."""
     return torch.cuda.is_available() or type(jit_function).__name__ == "InterpretedFunction"
+
+
+def kernel_runs(module, name: str) -> bool:
+    """Whether `module`'s Triton kernel `name` exists (Triton is installed) and can run here."""
+    fn = getattr(module, name, None)
+    return fn is not None and kernels_runnable(fn)
+
+
+def needs_kernel(module, name: str):
+    """Skip marker for tests of `module`'s Triton kernel `name` where it cannot run (never on a GPU)."""
+    return pytest.mark.skipif(
+        not kernel_runs(module, name), reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before import"
+    )
 
 
 def max_err(a: torch.Tensor, truth: torch.Tensor) -> float:

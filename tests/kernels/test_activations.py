@@ -13,7 +13,7 @@ from kernel_rules import (
     assert_all_no_worse,
     assert_no_worse,
     dispatched,
-    kernels_runnable,
+    needs_kernel,
     relayout,
     run_with_grads,
     uneven_upstream,
@@ -29,9 +29,7 @@ from fasttune.kernels.activations import (
 act = importlib.import_module("fasttune.kernels.activations")
 
 
-pytestmark = pytest.mark.skipif(
-    not kernels_runnable(act._glu_fwd_kernel), reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before import"
-)
+pytestmark = needs_kernel(act, "_glu_fwd_kernel")
 
 # one name per kernel code; the aliases are checked separately
 KINDS = ["silu", "gelu", "gelu_pytorch_tanh"]

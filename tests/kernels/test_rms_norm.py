@@ -13,7 +13,7 @@ from kernel_rules import (
     assert_all_no_worse,
     assert_no_worse,
     dispatched,
-    kernels_runnable,
+    needs_kernel,
     relayout,
     run_with_grads,
     uneven_upstream,
@@ -33,9 +33,7 @@ rn = importlib.import_module("fasttune.kernels.rms_norm")
 EPS = 1e-6
 
 
-pytestmark = pytest.mark.skipif(
-    not kernels_runnable(rn._rms_norm_fwd_kernel), reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before import"
-)
+pytestmark = needs_kernel(rn, "_rms_norm_fwd_kernel")
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 import torch
 from kernel_rules import (  # tests/kernel_rules.py (tests/ is on sys.path)
     assert_no_worse,
-    kernels_runnable,
+    needs_kernel,
 )
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -198,10 +198,7 @@ def _mlp_ref(kind):
     return peft_fn
 
 
-@pytest.mark.skipif(
-    not kernels_runnable(act._glu_fwd_kernel),
-    reason="needs a GPU or TRITON_INTERPRET=1",
-)
+@needs_kernel(act, "_glu_fwd_kernel")
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])
 def test_lora_mlp_through_the_triton_activation(mode, activation, monkeypatch):

@@ -13,6 +13,10 @@ import os
 
 import pytest
 import torch
+from kernel_rules import (  # tests/kernel_rules.py (tests/ is on sys.path)
+    kernel_runs,
+    needs_kernel,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -36,16 +40,7 @@ HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _triton_runnable() -> bool:
-    return nf4.triton is not None and (
-        HAS_CUDA or type(nf4._dequantize_4bit_kernel).__name__ == "InterpretedFunction"
-    )
-
-
-needs_triton = pytest.mark.skipif(
-    not _triton_runnable(),
-    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before import",
-)
+needs_triton = needs_kernel(nf4, "_dequantize_4bit_kernel")
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,7 +446,7 @@ def test_matches_bnb_fixture(name, variant, spec):
     loaded = nf4_from_bnb_state_dict(tensors, prefix)
     expected = tensors[f"{prefix}dequant"]
     assert torch.equal(dequantize_nf4_reference(loaded), expected)
-    if _triton_runnable():
+    if kernel_runs(nf4, "_dequantize_4bit_kernel"):
         assert torch.equal(
             nf4.dequantize_nf4_triton(loaded.to("cuda" if HAS_CUDA else "cpu")).cpu(),
             expected,

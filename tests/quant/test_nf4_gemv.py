@@ -16,7 +16,7 @@ import pytest
 import torch
 from kernel_rules import (  # tests/kernel_rules.py (tests/ is on sys.path)
     assert_no_worse,
-    kernels_runnable,
+    needs_kernel,
 )
 
 from fasttune.lora import lora_linear
@@ -34,10 +34,7 @@ from fasttune.quant.nf4_gemv import (
 
 gemv_module = importlib.import_module("fasttune.quant.nf4_gemv")
 
-needs_kernels = pytest.mark.skipif(
-    not hasattr(gemv_module, "_nf4_gemv_kernel") or not kernels_runnable(gemv_module._nf4_gemv_kernel),
-    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before import",
-)
+needs_kernels = needs_kernel(gemv_module, "_nf4_gemv_kernel")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N = 40  # not a multiple of any block_n: the last program is partly masked
 # 3 programs in the interpreter; block_kb=64 bytes makes K=192 take a partly masked second step
