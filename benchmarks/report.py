@@ -7,7 +7,7 @@
 
 The README block between `<!-- bench:start -->` and `<!-- bench:end -->` is replaced, nothing else.
 Charts: <gpu folder>/train.png (tokens/s and peak memory per configuration and stack), decode.png and
-kernels.png (benchmarks/kernels.py: speed-up over eager, fraction of copy bandwidth, peak memory).
+kernels.png (benchmarks/kernel_bench.py: speed-up over eager, fraction of copy bandwidth, peak memory).
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ def markdown(gpu_dir: Path, data: dict) -> str:
         parts += ["", "**Longest trainable sequence** (`benchmarks/max_context.py`, batch 1, LoRA)", "",
                   max_context_table(data["max_context"])]
     if data.get("kernels"):
-        parts += ["", "**Kernels** (`benchmarks/kernels.py`; bf16, 2 × 4096 tokens; median over CUDA events, L2 flushed; "
+        parts += ["", "**Kernels** (`benchmarks/kernel_bench.py`; bf16, 2 × 4096 tokens; median over CUDA events, L2 flushed; "
                   "GB/s over the minimal traffic against the copy bandwidth measured in the same process; "
                   "backward = fwd+bwd − forward; peak = max allocated during one fwd+bwd call minus allocated "
                   "before it; every implementation checked against the fp32 reference before it is timed)",
@@ -314,7 +314,7 @@ def markdown(gpu_dir: Path, data: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernels (benchmarks/kernels.py): one record per shape, one case per op, one entry per implementation
+# Kernels (benchmarks/kernel_bench.py): one record per shape, one case per op, one entry per implementation
 # ------------------------------------------------------------------------------------------------
 
 IMPL_ORDER = ("fasttune", "liger", "compile", "eager", "logits")

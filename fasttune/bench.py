@@ -88,7 +88,7 @@ class Job:
 
     def argv(self, bench_dir: Path, results_root: str | None, size: str, passthrough: dict) -> list[str]:
         if self.kind == "kernels":
-            cmd = [sys.executable, str(bench_dir / "kernels.py"), "--shapes", self.model, "--size", size]
+            cmd = [sys.executable, str(bench_dir / "kernel_bench.py"), "--shapes", self.model, "--size", size]
             return cmd + (["--results-root", str(results_root)] if results_root else []) + list(self.extra)
         cmd = [sys.executable, str(bench_dir / f"{self.kind}.py"), "--stack", self.stack, "--model", self.model,
                "--quant", self.quant, "--size", size]

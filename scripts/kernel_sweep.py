@@ -4,7 +4,7 @@
 A tuning aid, not a benchmark: it times the launchers directly (no autograd) at Llama-3-8B and
 Gemma-2-2B sizes under each candidate configuration and prints one JSON line per measurement, so
 that the defaults in fasttune/kernels/ can be chosen from numbers. The committed benchmark is
-benchmarks/kernels.py.
+benchmarks/kernel_bench.py.
 
     python3 scripts/kernel_sweep.py [--only rms_norm,rope,ce,flce,nf4] > sweep.jsonl
 """

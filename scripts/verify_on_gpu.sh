@@ -16,7 +16,7 @@ python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 
 tests_rc=${PIPESTATUS[0]}
 
 if [ "${SKIP_KERNELS:-0}" != 1 ]; then
-  python3 benchmarks/kernels.py --quick --budget-s "${KERNELS_BUDGET_S:-150}" --results-root "$OUT/res" 2>&1 | tail -20
+  python3 benchmarks/kernel_bench.py --quick --budget-s "${KERNELS_BUDGET_S:-150}" --results-root "$OUT/res" 2>&1 | tail -20
 fi
 if [ -n "${SWEEP:-}" ]; then
   python3 scripts/kernel_sweep.py --only "$SWEEP" > "$OUT/kernel_sweep.jsonl" 2> "$OUT/kernel_sweep.err" \

@@ -1,4 +1,4 @@
-"""CPU smoke test of benchmarks/kernels.py (the kernel micro-benchmarks), so that the harness cannot rot:
+"""CPU smoke test of benchmarks/kernel_bench.py (the kernel micro-benchmarks), so that the harness cannot rot:
 tiny shapes on the CPU (fasttune = the reference there; no torch.compile, no Liger), the JSON it writes, a
 wrong or raising kernel recorded as such instead of timed, the report's table and chart, the bench set."""
 
@@ -16,9 +16,9 @@ sys.path.insert(0, str(BENCH))
 
 import report  # noqa: E402
 
-# benchmarks/kernels.py by its path: the bare name `kernels` can already be taken in this process (a library
+# benchmarks/kernel_bench.py by its path: the bare name `kernels` can already be taken in this process (a library
 # probing for the `kernels` package may have imported tests/kernels/ as a namespace package)
-_spec = importlib.util.spec_from_file_location("bench_kernels", BENCH / "kernels.py")
+_spec = importlib.util.spec_from_file_location("bench_kernels", BENCH / "kernel_bench.py")
 kernels = importlib.util.module_from_spec(_spec)
 sys.modules["bench_kernels"] = kernels
 _spec.loader.exec_module(kernels)
@@ -176,7 +176,7 @@ def test_report_chart_merge_and_bench_set(tiny_run, tmp_path):
     jobs = bench.SETS["kernels"]
     assert [j.model for j in jobs] == ["llama-8b", "gemma2-2b"]
     argv = jobs[0].argv(BENCH, "/tmp/r", "tiny", {})
-    assert argv[1].endswith("kernels.py") and argv[2:] == ["--shapes", "llama-8b", "--size", "tiny", "--results-root", "/tmp/r"]
+    assert argv[1].endswith("kernel_bench.py") and argv[2:] == ["--shapes", "llama-8b", "--size", "tiny", "--results-root", "/tmp/r"]
     assert jobs[0].key("tiny") == "llama-8b-tiny" and jobs[0].key("full") == "llama-8b"
     assert bench.Job.parse("kernels:fasttune:gemma2-2b") == jobs[1]
 

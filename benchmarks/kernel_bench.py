@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Kernel micro-benchmarks: fasttune's hot-path ops against torch eager, torch.compile and Liger-Kernel.
 
-    python3 benchmarks/kernels.py                                   # both shapes, every op, H100: ~3 min
-    python3 benchmarks/kernels.py --quick --shapes llama-8b --ops rms_norm,rope
-    python3 benchmarks/kernels.py --size tiny --device cpu          # the harness on a CPU, in seconds
+    python3 benchmarks/kernel_bench.py                                   # both shapes, every op, H100: ~3 min
+    python3 benchmarks/kernel_bench.py --quick --shapes llama-8b --ops rms_norm,rope
+    python3 benchmarks/kernel_bench.py --size tiny --device cpu          # the harness on a CPU, in seconds
 
 One process measures, per shape (Llama-3.1-8B: 2 x 4096 tokens, hidden 4096, intermediate 14336, 32/8 heads
 x 128, vocab 128256; Gemma-2-2B: hidden 2304, intermediate 9216, 8/4 heads x 256, vocab 256000, logit softcap
