@@ -35,28 +35,18 @@ def fp32_out_supported(device: str) -> bool:
 def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool, alpha: float = 1.0) -> None:
     """out (+)= alpha * a @ b, without an out-sized temporary where the GPU can write fp32 directly.
     `out` is fp32 or the operands' dtype."""
-    if out.dtype == a.dtype:
-        if accumulate:
-            out.addmm_(a, b, alpha=alpha)
+    kw = {}
+    if out.dtype != a.dtype:
+        if a.dtype in _LOW and fp32_out_supported(str(a.device)):
+            kw["out_dtype"] = out.dtype
         else:
-            torch.mm(a, b, out=out)
-            if alpha != 1.0:
-                out.mul_(alpha)
-    elif a.dtype in _LOW and fp32_out_supported(str(a.device)):
-        if accumulate:
-            torch.addmm(out, a, b, alpha=alpha, out_dtype=out.dtype, out=out)
-        else:
-            torch.mm(a, b, out_dtype=out.dtype, out=out)
-            if alpha != 1.0:
-                out.mul_(alpha)
+            a, b = a.to(out.dtype), b.to(out.dtype)
+    if accumulate:
+        torch.addmm(out, a, b, alpha=alpha, out=out, **kw)
     else:
-        a, b = a.to(out.dtype), b.to(out.dtype)
-        if accumulate:
-            out.addmm_(a, b, alpha=alpha)
-        else:
-            torch.mm(a, b, out=out)
-            if alpha != 1.0:
-                out.mul_(alpha)
+        torch.mm(a, b, out=out, **kw)
+        if alpha != 1.0:
+            out.mul_(alpha)
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,24 @@ def apply_rope_reference(
 if triton is not None:
 
     @triton.jit
+    def _rotate_heads(src_row, s_h, s_d, dst_row, d_h, d_d, h, H, d, dmask, a1, b1, a2, b2,
+                      HALF: tl.constexpr, ROUND: tl.constexpr, COMPUTE: tl.constexpr):
+        """Heads `h` (< H) of one token: (x1, x2) -> (x1 a1 + x2 b1, x2 a2 + x1 b2), read at src_row and
+        written at dst_row (which may be src_row) with their head and dim strides."""
+        m = (h < H)[:, None] & dmask[None, :]
+        src = src_row + h[:, None] * s_h + d[None, :] * s_d
+        x1 = tl.load(src, mask=m, other=0.0).to(COMPUTE)
+        x2 = tl.load(src + HALF * s_d, mask=m, other=0.0).to(COMPUTE)
+        y1 = x1 * a1 + x2 * b1
+        y2 = x2 * a2 + x1 * b2
+        if ROUND:
+            y1 = round_to_bf16(y1.to(tl.float32))
+            y2 = round_to_bf16(y2.to(tl.float32))
+        dst = dst_row + h[:, None] * d_h + d[None, :] * d_d
+        tl.store(dst, y1.to(dst_row.dtype.element_ty), mask=m)
+        tl.store(dst + HALF * d_d, y2.to(dst_row.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _rope_qk_kernel(
         q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
         S, HQ, HK,
@@ -144,32 +162,11 @@ if triton is not None:
 
         h = head0 + tl.arange(0, BLOCK_H)
         if head0 < HQ:
-            m = (h < HQ)[:, None] & dmask[None, :]
-            src = q_ptr + bi * sq_b + si * sq_s + h[:, None] * sq_h + d[None, :] * sq_d
-            x1 = tl.load(src, mask=m, other=0.0).to(COMPUTE)
-            x2 = tl.load(src + HALF * sq_d, mask=m, other=0.0).to(COMPUTE)
-            y1 = x1 * a1 + x2 * b1
-            y2 = x2 * a2 + x1 * b2
-            if ROUND_Q:
-                y1 = round_to_bf16(y1.to(tl.float32))
-                y2 = round_to_bf16(y2.to(tl.float32))
-            dst = qo_ptr + bi * sqo_b + si * sqo_s + h[:, None] * sqo_h + d[None, :] * sqo_d
-            tl.store(dst, y1.to(qo_ptr.dtype.element_ty), mask=m)
-            tl.store(dst + HALF * sqo_d, y2.to(qo_ptr.dtype.element_ty), mask=m)
+            _rotate_heads(q_ptr + bi * sq_b + si * sq_s, sq_h, sq_d, qo_ptr + bi * sqo_b + si * sqo_s, sqo_h, sqo_d,
+                          h, HQ, d, dmask, a1, b1, a2, b2, HALF, ROUND_Q, COMPUTE)
         if head0 < HK:
-            m = (h < HK)[:, None] & dmask[None, :]
-            src = k_ptr + bi * sk_b + si * sk_s + h[:, None] * sk_h + d[None, :] * sk_d
-            x1 = tl.load(src, mask=m, other=0.0).to(COMPUTE)
-            x2 = tl.load(src + HALF * sk_d, mask=m, other=0.0).to(COMPUTE)
-            y1 = x1 * a1 + x2 * b1
-            y2 = x2 * a2 + x1 * b2
-            if ROUND_K:
-                y1 = round_to_bf16(y1.to(tl.float32))
-                y2 = round_to_bf16(y2.to(tl.float32))
-            dst = ko_ptr + bi * sko_b + si * sko_s + h[:, None] * sko_h + d[None, :] * sko_d
-            tl.store(dst, y1.to(ko_ptr.dtype.element_ty), mask=m)
-            tl.store(dst + HALF * sko_d, y2.to(ko_ptr.dtype.element_ty), mask=m)
-
+            _rotate_heads(k_ptr + bi * sk_b + si * sk_s, sk_h, sk_d, ko_ptr + bi * sko_b + si * sko_s, sko_h, sko_d,
+                          h, HK, d, dmask, a1, b1, a2, b2, HALF, ROUND_K, COMPUTE)
 
 # Elements of one half-head tile a program holds per tensor; bounds registers at large head counts.
 _MAX_TILE = 2048

@@ -54,15 +54,17 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
+
+from .format import WEIGHT_DTYPES, QuantizedWeight
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 BLOCK = 128
 GRANULARITIES = ("row", "block")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = WEIGHT_DTYPES
 _CHUNK = 1 << 22  # elements per step of (de)quantization: bounds the fp32 temporaries
 # fp32 compute asks for full precision: no fp8 activations there
 _SCALED_MM_OUT = (torch.bfloat16, torch.float16)
@@ -83,8 +85,10 @@ def scale_shape(shape, granularity: str) -> tuple[int, ...]:
 
 
 @dataclass
-class FP8Tensor:
+class FP8Tensor(QuantizedWeight):
     """An (out, in) weight as e4m3 codes and fp32 scales per row or per 128 x 128 block."""
+
+    TENSORS = ("data", "scale")
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -107,23 +111,11 @@ class FP8Tensor:
                 f"FP8Tensor: {self.granularity} scales of a {tuple(self.data.shape)} weight must be fp32 of shape "
                 f"{want}, got {self.scale.dtype} {tuple(self.scale.shape)}"
             )
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"FP8Tensor: dtype {self.dtype} is not one of {_DTYPES}")
+        self._check_dtype()
 
     @property
     def shape(self) -> torch.Size:
         return self.data.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() + 4 * self.scale.numel()
-
-    def to(self, device: torch.device | str) -> FP8Tensor:
-        return replace(self, data=self.data.to(device), scale=self.scale.to(device))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_fp8(self, dtype)

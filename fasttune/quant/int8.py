@@ -26,18 +26,22 @@ half-way point may get the neighbouring code there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .format import WEIGHT_DTYPES, QuantizedWeight
+
+_DTYPES = WEIGHT_DTYPES
 _CHUNK = 1 << 22  # elements per step of quantization: bounds the fp32 temporaries
 _WEIGHT_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
 
 
 @dataclass
-class Int8Tensor:
+class Int8Tensor(QuantizedWeight):
     """An (out, in) weight as int8 codes and one fp32 absmax per row (scale = absmax / 127)."""
+
+    TENSORS = ("data", "absmax")
 
     data: torch.Tensor
     absmax: torch.Tensor
@@ -55,28 +59,16 @@ class Int8Tensor:
                 f"Int8Tensor: absmax must be fp32 with one value per row ({self.data.shape[0]}), "
                 f"got {self.absmax.dtype} {tuple(self.absmax.shape)}"
             )
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"Int8Tensor: dtype {self.dtype} is not one of {_DTYPES}")
+        self._check_dtype()
 
     @property
     def shape(self) -> torch.Size:
         return self.data.shape
 
     @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
     def scale(self) -> torch.Tensor:
         """fp32 (out,): the per-row step, absmax / 127."""
         return self.absmax / 127.0
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() + 4 * self.absmax.numel()
-
-    def to(self, device: torch.device | str) -> Int8Tensor:
-        return replace(self, data=self.data.to(device), absmax=self.absmax.to(device))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_int8(self, dtype)

@@ -65,7 +65,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -78,6 +78,7 @@ except ImportError:  # the torch path still works without Triton
     triton = None
 
 from ..kernels._triton_utils import interpreting
+from .format import WEIGHT_DTYPES, QuantizedWeight
 
 if triton is not None:
     from ..kernels._triton_utils import rounded
@@ -123,7 +124,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 # Elements handled per step of the torch paths: bounds their fp32/int temporaries to a few x 16 MiB.
 _CHUNK = 1 << 22
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = WEIGHT_DTYPES
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
@@ -167,7 +168,7 @@ def dynamic_code(device: torch.device | str | None = None) -> torch.Tensor:
 
 
 @dataclass
-class NF4Tensor:
+class NF4Tensor(QuantizedWeight):
     """A weight quantized to 4 bits per element in bitsandbytes' layout (see the module docstring).
 
     `absmax` is fp32 per block, or with double quantization uint8 indices into `nested_code` that
@@ -186,6 +187,8 @@ class NF4Tensor:
     nested_code: torch.Tensor | None = None
     nested_blocksize: int = NESTED_BLOCKSIZE
 
+    TENSORS = ("data", "absmax", "code", "nested_absmax", "nested_code")
+
     def __post_init__(self):
         self.shape = torch.Size(self.shape)
         if self.quant_type not in QUANT_TYPES:
@@ -196,8 +199,7 @@ class NF4Tensor:
             raise ValueError(
                 f"NF4Tensor: blocksize {self.blocksize} is not one of {BLOCKSIZES}"
             )
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"NF4Tensor: dtype {self.dtype} is not one of {_DTYPES}")
+        self._check_dtype()
         if self.data.dtype != torch.uint8 or self.data.numel() != (self.numel + 1) // 2:
             raise ValueError(
                 f"NF4Tensor: packed data must be uint8 with (numel + 1) // 2 = {(self.numel + 1) // 2} bytes "
@@ -252,35 +254,6 @@ class NF4Tensor:
     @property
     def num_blocks(self) -> int:
         return -(-self.numel // self.blocksize)
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all tensors held (packed data, statistics and code tables)."""
-        tensors = (
-            self.data,
-            self.absmax,
-            self.code,
-            self.nested_absmax,
-            self.nested_code,
-        )
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    def to(self, device: torch.device | str) -> NF4Tensor:
-        def move(t):
-            return t.to(device) if t is not None else None
-
-        return replace(
-            self,
-            data=move(self.data),
-            absmax=move(self.absmax),
-            code=move(self.code),
-            nested_absmax=move(self.nested_absmax),
-            nested_code=move(self.nested_code),
-        )
 
     def absmax_fp32(self) -> torch.Tensor:
         """The per-block fp32 absmax, double quantization undone (the values the dequantization scales by)."""
