@@ -116,7 +116,7 @@ def _default_chunk(tokens: int, hidden: int, vocab: int, trains_weight: bool = F
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_u, lora_b, targets, n, softcap, ignore_index, chunk,
+    def forward(ctx, hidden, weight, bias, lora_u, lora_b, targets, kept, n, softcap, ignore_index, chunk,
                 use_triton, block_v):
         H, V = hidden.shape[-1], weight.shape[0]
         need_dh, need_dw, need_db, need_du, need_dbb = ctx.needs_input_grad[:5]
@@ -126,9 +126,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         u2 = lora_u.reshape(-1, lora_u.shape[-1]) if lora_u is not None else None
         N = h2.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
-            keep = (targets != ignore_index).nonzero().squeeze(1)
-            K = keep.numel()
-            if K != N:
+            K, keep = kept, None
+            if K != N:  # the kept rows, in order (a stable sort: no host sync, unlike nonzero)
+                keep = torch.argsort((targets == ignore_index).to(torch.int32), stable=True)[:K]
                 hk, tk = h2.index_select(0, keep), targets.index_select(0, keep)
                 uk = u2.index_select(0, keep) if u2 is not None else None
             else:
@@ -199,11 +199,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             g = next(saved).mul_(grad_loss if ctx.post_scale is None else grad_loss / ctx.post_scale).to(dtype)
             if i in (0, 3):  # per-token gradients: scatter back over the ignored tokens
                 shape = ctx.shapes[0 if i == 0 else 1]
-                if keep.numel() != ctx.rows:
+                if keep is not None:
                     g = torch.zeros(ctx.rows, g.shape[-1], device=g.device, dtype=dtype).index_copy_(0, keep, g)
                 g = g.view(shape)
             out.append(g)
-        return (*out, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(
@@ -220,8 +220,10 @@ def fused_linear_cross_entropy(
     lora: tuple[torch.Tensor, torch.Tensor] | None = None,
     use_triton: bool | None = None,
     block_v: int | None = None,
+    prepared: PreparedTargets | None = None,
 ) -> torch.Tensor:
     """causal_lm_loss(F.linear(hidden, weight, bias) [+ u @ B^T], labels, ...) without the logits.
+    `prepared` (PreparedTargets, made before the decoder ran) replaces labels / shift_labels.
 
     `lora=(u, B)` adds a low-rank term: u (..., r) is the already scaled LoRA down-projection of the
     hidden states (autograd carries its gradient on to lora_A and the hidden states), B (vocab, r).
@@ -229,15 +231,48 @@ def fused_linear_cross_entropy(
     if hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match lm_head weight {tuple(weight.shape)}")
     N = hidden.numel() // hidden.shape[-1]
-    targets = _flat_targets(labels, shift_labels, ignore_index, N, hidden.device)
+    if prepared is None:
+        prepared = PreparedTargets(labels, shift_labels, N, hidden.device, ignore_index)
+    elif prepared.rows != N or prepared.ignore_index != ignore_index:
+        raise ValueError(
+            f"prepared targets are for {prepared.rows} rows (ignore_index {prepared.ignore_index}) but the hidden "
+            f"states have {N} rows (ignore_index {ignore_index})"
+        )
+    targets = prepared.targets
     n = _normalizer(targets, num_items_in_batch, ignore_index)
     if use_triton is None:
         use_triton = dispatch.use_triton(hidden)
     u, B = lora if lora is not None else (None, None)
     return _FusedLinearCrossEntropy.apply(
-        hidden, weight, bias, u, B, targets, n, float(softcap) if softcap else None, int(ignore_index),
-        chunk_tokens, bool(use_triton), block_v,
+        hidden, weight, bias, u, B, targets, prepared.kept(), n, float(softcap) if softcap else None,
+        int(ignore_index), chunk_tokens, bool(use_triton), block_v,
     )
+
+
+class PreparedTargets:
+    """The flattened next-token targets, and how many are not ignored, counted on the GPU and copied to
+    the host without waiting. The fused loss needs that count on the host (it sizes the chunk loop);
+    reading it at the loss would stall the host until the GPU had finished the whole forward, with the
+    GPU then idle while the host queues the backward. Made before the decoder runs (the owned forward
+    does), the copy has long landed when the loss asks."""
+
+    def __init__(self, labels, shift_labels, rows: int, device, ignore_index: int = IGNORE_INDEX):
+        self.targets = _flat_targets(labels, shift_labels, ignore_index, rows, device)
+        self.rows, self.ignore_index = rows, ignore_index
+        count = (self.targets != ignore_index).sum()
+        self._ready = None
+        if count.is_cuda:
+            self._count = torch.empty((), dtype=count.dtype, pin_memory=True)
+            self._count.copy_(count, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._count = count
+
+    def kept(self) -> int:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return int(self._count)
 
 
 # ----------------------------------------------------------------------------------------------

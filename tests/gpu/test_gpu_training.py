@@ -12,6 +12,7 @@ except the ones that need CUDA itself.
 import math
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -158,6 +159,45 @@ def test_checkpointing_lowers_peak_memory(model_dirs):
         del model, loss
         torch.cuda.empty_cache()
     assert peaks["fasttune"] < 0.6 * peaks[False], f"peak above the weights, GC on vs off: {peaks}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_training_step_never_waits_for_the_gpu(model_dirs, masked):
+    """The host queues a whole step (forward, fused loss, offloaded backward, optimizer) while the GPU is
+    held busy by a long sleep kernel: any host sync inside the step (a .item(), a nonzero) would make the
+    queueing last as long as the hold. With prompt-masked labels the fused loss compacts the kept tokens
+    without a sync too (their count comes from PreparedTargets)."""
+    model, _ = fast_lora(model_dirs("llama"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    ids = torch.randint(3, model.config.vocab_size, (2, 64), device=DEVICE)
+    labels = ids.clone()
+    if masked:
+        labels[:, :20] = -100
+
+    def step():
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(2_000_000_000)
+    torch.cuda.synchronize()
+    hold = time.perf_counter() - t0
+    torch.cuda._sleep(2_000_000_000)
+    t0 = time.perf_counter()
+    loss = step()
+    queued = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss)
+    assert queued < 0.5 * hold, f"queueing one step took {queued:.3f} s with the GPU held for {hold:.3f} s: a sync"
 
 
 @needs_cuda
