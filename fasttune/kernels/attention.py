@@ -6,9 +6,19 @@ The softcap (Gemma 2's attention-logit softcapping) is optional. Without it, PyT
 scaled_dot_product_attention runs its fused kernels; with it, the scores must be formed explicitly
 (softmax in fp32, as transformers does). K/V may have fewer heads than Q (grouped-query attention):
 kv head j serves query heads j*g ... (j+1)*g - 1.
+
+Backend. SDPA tries its fused kernels in a fixed order with FlashAttention (v2) first. On Hopper
+(sm_90) cuDNN's fused attention is faster for training shapes, so `attention` moves cuDNN to the front
+of that order for the call (shapes cuDNN does not take fall through to the next backend, as before;
+backends a user disabled stay disabled). Decode steps (one query) keep the default order.
+FASTTUNE_CUDNN_ATTENTION=0 turns the preference off.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -41,5 +51,48 @@ def attention_reference(q, k, v, *, mask=None, is_causal=False, scale: float, so
     return torch.matmul(probs, v)
 
 
+_CUDNN_PREFERRED = os.environ.get("FASTTUNE_CUDNN_ATTENTION", "1") not in ("", "0", "false", "False")
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_first_order() -> tuple | None:
+    """SDPA's backend priority with cuDNN first, or None where this torch cannot set the order."""
+    get = getattr(torch._C, "_get_sdp_priority_order", None)
+    cudnn = getattr(getattr(torch.nn.attention, "SDPBackend", None), "CUDNN_ATTENTION", None)
+    if get is None or cudnn is None or not hasattr(torch._C, "_set_sdp_priority_order"):
+        return None
+    return (int(cudnn), *[b for b in get() if b != int(cudnn)])
+
+
+@contextlib.contextmanager
+def _cudnn_first():
+    """SDPA's priority order with cuDNN first, for the duration of one call."""
+    order = _cudnn_first_order()
+    if order is None:
+        yield
+        return
+    previous = torch._C._get_sdp_priority_order()
+    torch._C._set_sdp_priority_order(list(order))
+    try:
+        yield
+    finally:
+        torch._C._set_sdp_priority_order(previous)
+
+
+def prefers_cudnn(q: torch.Tensor, softcap) -> bool:
+    return (
+        _CUDNN_PREFERRED and softcap is None and q.is_cuda and q.shape[-2] > 1
+        and q.dtype in (torch.bfloat16, torch.float16) and _hopper(q.device.index or 0)
+    )
+
+
 def attention(q, k, v, **kwargs) -> torch.Tensor:
+    if prefers_cudnn(q, kwargs.get("softcap")):
+        with _cudnn_first():
+            return attention_reference(q, k, v, **kwargs)
     return attention_reference(q, k, v, **kwargs)
