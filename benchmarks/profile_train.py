@@ -2,6 +2,7 @@
 """Where a training step's time goes: torch.profiler over a few steps of train.py's loop, per stack.
 
     python3 benchmarks/profile_train.py --stack fasttune --stack hf [--model llama-1b] [--quant 4bit] [--seq 2048] [--batch 2]
+        [--shapes] [--host]
 
 Prints, per stack, the mean step time and the top kernels by device time and top operators by host
 time, so that a gap between two stacks can be pinned to the operators that cause it. A diagnostic,
@@ -47,6 +48,10 @@ def profile(stack: str, args) -> None:
     for i in range(args.warmup):
         step(i)
     torch.cuda.synchronize()
+    if args.host:
+        host_time(step, args)
+        if args.rows == 0:  # the queueing time only
+            return
     t0 = time.perf_counter()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(args.warmup, args.warmup + args.steps):
@@ -57,6 +62,36 @@ def profile(stack: str, args) -> None:
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows // 2, max_name_column_width=60))
+    if args.shapes:  # which matmuls (by operand shapes) take the GPU time
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        print(by_shape.table(sort_by="device_time_total", row_limit=args.rows * 2, max_name_column_width=40,
+                             max_shapes_column_width=90))
+
+
+def host_time(step, args) -> None:
+    """How long the host takes to queue one step, with the GPU held busy meanwhile (a sleep kernel long
+    enough to cover it): when that is close to the step's wall time, the step is bound by the host, not
+    the GPU. A queueing time as long as the hold means the step waits for the GPU somewhere (a sync)."""
+    import torch
+
+    hold_cycles = 4_000_000_000
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(hold_cycles)
+    torch.cuda.synchronize()
+    hold = time.perf_counter() - t0
+    queued, walls = [], []
+    for i in range(args.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.cuda._sleep(hold_cycles)
+        t1 = time.perf_counter()
+        step(args.warmup + i)
+        queued.append(time.perf_counter() - t1)
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0 - hold)
+    print(f"host queueing time per step: {', '.join(f'{q * 1000:.1f}' for q in queued)} ms "
+          f"(GPU held {hold * 1000:.0f} ms; step after the hold: {', '.join(f'{w * 1000:.1f}' for w in walls)} ms)")
 
 
 def main(argv=None) -> int:
@@ -71,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--no-gc", action="store_true")
+    p.add_argument("--shapes", action="store_true", help="also the operators grouped by input shapes")
+    p.add_argument("--host", action="store_true", help="first, the host's queueing time per step (GPU held)")
     args = p.parse_args(argv)
     stacks.set_offline_env()
     for stack in args.stack:

@@ -60,7 +60,8 @@ def test_offloaded_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_mo
     assert fast_state(model).gradient_checkpointing == "offload"
     got_loss, got = _run(model, batch)
     layers = model.config.num_hidden_layers
-    assert offload_on_cpu == list(range(layers))  # every layer's input went to the host, once
+    # every layer's input and its residual stream between attention and MLP went to the host, once
+    assert offload_on_cpu == [slot for i in range(layers) for slot in (i, (i, 1))]
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
     assert got.keys() == want.keys() and got
     for name in want:
@@ -69,6 +70,31 @@ def test_offloaded_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_mo
                                    msg=lambda m, n=name: f"{n}: {m}")
     if not full:
         assert grads_of(model)  # the adapters trained
+
+
+@pytest.mark.parametrize("gc, per_layer", [(True, 1), ("unsloth", 2)])
+def test_recompute_skips_the_matmuls_that_only_feed_the_residual_stream(tiny_model_dir, offload_on_cpu, monkeypatch,
+                                                                       gc, per_layer):
+    """The recompute never computes down_proj's base matmul (the layer's output is not needed) and, when
+    the forward parked the mid-layer residual (offloaded mode), not o_proj's either; the gradients are
+    still those of no checkpointing."""
+    from fasttune.lora import functions
+
+    model_dir = tiny_model_dir("llama")
+    batch = uneven_batch(1000, rows=3, length=14)
+    want_loss, want = _run(_model(model_dir, False), batch)
+    model = _model(model_dir, gc)
+    phantoms = []
+    original = functions._phantom
+    monkeypatch.setattr(functions, "_phantom", lambda *a: phantoms.append(a[1]) or original(*a))
+    got_loss, got = _run(model, batch)
+    assert len(phantoms) == per_layer * model.config.num_hidden_layers
+    assert set(phantoms) == {model.config.hidden_size}  # o_proj's and down_proj's outputs
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    for name in want:
+        scale = want[name].abs().max().item()
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * max(scale, 1e-30),
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_offloaded_checkpointing_refuses_autograd_grad(tiny_model_dir, offload_on_cpu):
@@ -132,3 +158,22 @@ def test_gpu_two_forwards_before_one_backward(tiny_model_dir):
         del model
     for name, want in grads[False].items():
         torch.testing.assert_close(grads["unsloth"][name], want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_recompute_reuses_the_forwards_fusion_decision(tiny_model_dir, monkeypatch):
+    """The checkpoint recompute takes the forward's fused-or-not decision (ForwardContext.fused) instead
+    of inspecting the modules again: one inspection per projection group (q/k/v, o, MLP) and layer."""
+    import fasttune.models.llama as llama
+
+    model = _model(tiny_model_dir("llama"), True)
+    calls = []
+    original = llama.lora_projections
+
+    def counting(*modules, **kw):
+        calls.append(len(modules))
+        return original(*modules, **kw)
+
+    monkeypatch.setattr(llama, "lora_projections", counting)
+    loss, grads = _run(model, uneven_batch(1000, rows=2, length=12))
+    assert all(g.abs().max() > 0 for g in grads.values())
+    assert sorted(calls) == sorted([3, 1, 3] * model.config.num_hidden_layers)

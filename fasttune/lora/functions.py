@@ -32,6 +32,11 @@ in x's own dtype, dA and dB in the adapters' own dtype. The r-sized gradient pro
 written in fp32 straight from the matmul's accumulator where the backend can (CUDA), and the scaling
 is applied in fp32 after the product, so it adds no rounding.
 
+`output=False` (lora_o, lora_mlp) is for a recompute under checkpointing, when the result only feeds a
+residual add and nobody reads its value: the last projection's base matmul (and its dequantization) is
+skipped and the returned tensor holds zeros, while the backward is exactly the normal one (it never needs
+the output). For Llama-8B that is a third of the recompute's GEMM work (o_proj and down_proj).
+
 The base weight is a Tensor, or any object with `.shape` (out, in) and `.dequantize(dtype=None)`
 returning the dense (out, in) Tensor (see `is_quant_weight`). An object that also has
 `.linear(x2, dtype)` computes the forward's base term x W^T itself (FP8 weights: a scaled fp8 matmul);
@@ -115,9 +120,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _proj_forward(x2, proj, dtype):
-    """y = x W^T + s (x A^T) B^T for 2-D x in `dtype`. Returns (y, x A^T or None)."""
+def _phantom(x2: torch.Tensor, out_features: int, dtype) -> torch.Tensor:
+    """Stands for an (N, out) result whose value nobody reads (`output=False`): zeros, no memory."""
+    return torch.zeros((), dtype=dtype, device=x2.device).expand(x2.shape[0], out_features)
+
+
+def _proj_forward(x2, proj, dtype, output: bool = True):
+    """y = x W^T + s (x A^T) B^T for 2-D x in `dtype`. Returns (y, x A^T or None); with
+    `output=False` y is a phantom (zeros) and only x A^T (what the backward needs) is computed."""
     weight, A, B, s = proj
+    if not output:
+        return _phantom(x2, weight.shape[0], dtype), None if A is None else torch.mm(x2, A.to(dtype).t())
     if not isinstance(weight, torch.Tensor) and callable(getattr(weight, "linear", None)):
         y = weight.linear(x2, dtype)  # the format's own matmul (e.g. FP8's scaled matmul), forward only
     else:
@@ -215,15 +228,15 @@ class _SharedInputProjections(torch.autograd.Function):
     """n projections of one input x; `flat` holds (weight, A, B, scaling) n times."""
 
     @staticmethod
-    def forward(ctx, x, dtype, *flat):
+    def forward(ctx, x, dtype, output, *flat):
         projs = _split(flat)
-        needs = _needs(ctx, 2, len(projs))
+        needs = _needs(ctx, 3, len(projs))
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             outs, xas = [], []
             for proj in projs:
-                y, xa = _proj_forward(x2, proj, dtype)
+                y, xa = _proj_forward(x2, proj, dtype, output)
                 outs.append(y.view(*lead, y.shape[-1]))
                 xas.append(xa)
         # x feeds only dA, and x A^T only dB: save what the wanted gradients need.
@@ -250,7 +263,7 @@ class _SharedInputProjections(torch.autograd.Function):
         dx, grads = None, []
         acc = fp32_accumulator(dtype, dys[0].device) if n > 1 else dtype
         with torch.autocast(dys[0].device.type, enabled=False):
-            for i, (nA, nB) in enumerate(_needs(ctx, 2, n)):
+            for i, (nA, nB) in enumerate(_needs(ctx, 3, n)):
                 A, B = adapters[2 * i], adapters[2 * i + 1]
                 proj = (ctx.weights[i], A, B, ctx.scalings[i])
                 dy = dys[i].reshape(-1, dys[i].shape[-1]).to(dtype)
@@ -259,16 +272,16 @@ class _SharedInputProjections(torch.autograd.Function):
                 grads += [None, dA, dB, None]
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return (dx, None, *grads)
+        return (dx, None, None, *grads)
 
 
-def _shared_input(x: torch.Tensor, named_projs) -> tuple[torch.Tensor, ...]:
+def _shared_input(x: torch.Tensor, named_projs, output: bool = True) -> tuple[torch.Tensor, ...]:
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise TypeError("fused LoRA: x must be a Tensor with a feature dimension")
     flat = []
     for name, proj in named_projs:
         flat += _check_projection(name, proj, x.shape[-1])[0]
-    return _SharedInputProjections.apply(x, _compute_dtype(x), *flat)
+    return _SharedInputProjections.apply(x, _compute_dtype(x), bool(output), *flat)
 
 
 def lora_linear(
@@ -283,9 +296,10 @@ def lora_linear(
     return _shared_input(x, [("weight", (weight, A, B, scaling))])[0]
 
 
-def lora_o(x: torch.Tensor, o) -> torch.Tensor:
-    """The attention output projection; `o` is a (weight, A, B, scaling) tuple."""
-    return _shared_input(x, [("o", o)])[0]
+def lora_o(x: torch.Tensor, o, output: bool = True) -> torch.Tensor:
+    """The attention output projection; `o` is a (weight, A, B, scaling) tuple. `output=False`: a
+    recompute that reads only the gradients (module docstring)."""
+    return _shared_input(x, [("o", o)], output)[0]
 
 
 def lora_qkv(
@@ -337,16 +351,16 @@ class _LoRAMLP(torch.autograd.Function):
     """flat = gate, up, down as (weight, A, B, scaling) each."""
 
     @staticmethod
-    def forward(ctx, x, dtype, kind, *flat):
+    def forward(ctx, x, dtype, kind, output, *flat):
         gate, up, down = _split(flat)
-        (nA_g, _), (nA_u, _), _ = _needs(ctx, 3, 3)
+        (nA_g, _), (nA_u, _), _ = _needs(ctx, 4, 3)
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             g2, xa_g = _proj_forward(x2, gate, dtype)
             u2, xa_u = _proj_forward(x2, up, dtype)
             h = _glu_forward(g2, u2, kind)
-            out, ha_d = _proj_forward(h, down, dtype)
+            out, ha_d = _proj_forward(h, down, dtype, output)
         del h  # recomputed in backward from g and u
         ctx.save_for_backward(
             x2 if (nA_g or nA_u) else None,
@@ -371,7 +385,7 @@ class _LoRAMLP(torch.autograd.Function):
             (w, adapters[2 * i], adapters[2 * i + 1], s)
             for i, (w, s) in enumerate(zip(ctx.weights, ctx.scalings))
         ]
-        (nA_g, nB_g), (nA_u, nB_u), (nA_d, nB_d) = _needs(ctx, 3, 3)
+        (nA_g, nB_g), (nA_u, nB_u), (nA_d, nB_d) = _needs(ctx, 4, 3)
         need_dx = ctx.needs_input_grad[0]
         need_dh = need_dx or nA_g or nB_g or nA_u or nB_u  # all upstream of down
         dtype, kind = ctx.dtype, ctx.kind
@@ -395,15 +409,16 @@ class _LoRAMLP(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         grads = [None, dAg, dBg, None, None, dAu, dBu, None, None, dAd, dBd, None]
-        return (dx, None, None, *grads)
+        return (dx, None, None, None, *grads)
 
 
-def lora_mlp(x: torch.Tensor, gate, up, down, activation: str) -> torch.Tensor:
+def lora_mlp(x: torch.Tensor, gate, up, down, activation: str, output: bool = True) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) with LoRA on each projection, as one autograd node.
 
     gate, up, down: (weight, A, B, scaling) tuples (A = B = None: no adapter there).
     activation: "silu" (SwiGLU), "gelu" (exact GeGLU) or "gelu_tanh" (tanh GeGLU); the
     transformers names "swish", "gelu_pytorch_tanh", "gelu_new", "gelu_fast" work too.
+    output=False: a recompute that reads only the gradients (down's base matmul skipped; module docstring).
     """
     if activation not in MLP_ACTIVATIONS:
         raise ValueError(
@@ -418,4 +433,4 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str) -> torch.Tensor:
         raise ValueError(f"lora_mlp: gate has {inter} outputs but up has {inter_up}")
     down, _ = _check_projection("down", down, inter)
     kind = MLP_ACTIVATIONS[activation]
-    return _LoRAMLP.apply(x, _compute_dtype(x), kind, *gate, *up, *down)
+    return _LoRAMLP.apply(x, _compute_dtype(x), kind, bool(output), *gate, *up, *down)

@@ -36,7 +36,7 @@ from ..kernels import (
     rope_cos_sin,
 )
 from ..kernels.activations import SUPPORTED_ACTIVATIONS
-from ..kernels.fused_linear_ce import fused_lm_head_loss
+from ..kernels.fused_linear_ce import PreparedTargets, fused_lm_head_loss
 from ..lora import (
     base_bias,
     lora_mlp,
@@ -45,7 +45,7 @@ from ..lora import (
     lora_qkv,
     why_not_fused,
 )
-from ..memory.offload import layer_checkpoint
+from ..memory.offload import LayerPass, layer_checkpoint, residual_add
 from .rope import rope_inv_freq
 
 
@@ -165,6 +165,9 @@ class ForwardContext:
         self.rope = rope  # rope key -> (cos, sin), each (b, q_len, rotary dim)
         self.device = device
         self._masks = {}
+        # which projections run fused, decided once per forward call: the recompute under checkpointing
+        # takes the forward's decision instead of inspecting the modules again (_fusable)
+        self.fused = {}
 
     def mask(self, kv_len: int, window: int | None):
         """(attn_mask, is_causal) for SDPA, for keys that are the last kv_len cache slots."""
@@ -263,13 +266,17 @@ _FUSED_LORA = os.environ.get("FASTTUNE_FUSED_LORA", "1") not in ("", "0", "false
 _unfused_noted: set = set()
 
 
-def _fusable(*modules, allow_bias: bool = False):
+def _fusable(ctx: ForwardContext, *modules, allow_bias: bool = False):
     """The modules' (weight, A, B, scaling) projections when all can be fused, else None (and, for an
     adapter layer that cannot be, a one-time notice of why). With `allow_bias`, frozen base biases are
-    accepted and the caller adds them."""
+    accepted and the caller adds them. Decided once per forward call (ctx.fused): the inspection costs
+    the host ~50-100 us per projection group, and the checkpoint recompute must repeat the forward anyway."""
     if not _FUSED_LORA:
         return None
-    projs = lora_projections(*modules, allow_bias=allow_bias)
+    key = (*map(id, modules), allow_bias)
+    if key in ctx.fused:
+        return ctx.fused[key]
+    projs = ctx.fused[key] = lora_projections(*modules, allow_bias=allow_bias)
     if projs is None:
         for m in modules:
             reason = why_not_fused(m, allow_bias)
@@ -279,11 +286,13 @@ def _fusable(*modules, allow_bias: bool = False):
     return projs
 
 
-def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, layer_idx: int):
+def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, layer_idx: int, output: bool = True):
+    """The attention block. output=False: the result only feeds a sum whose value is known (a checkpoint
+    recompute), and o_proj's base matmul may be skipped (fasttune.lora: the gradients stay exact)."""
     b, s, _ = x.shape
     hd = state.head_dim
     modules = (attn.q_proj, attn.k_proj, attn.v_proj)
-    qkv = _fusable(*modules, allow_bias=True)  # Qwen2's q/k/v carry (frozen) biases
+    qkv = _fusable(ctx, *modules, allow_bias=True)  # Qwen2's q/k/v carry (frozen) biases
     if qkv is not None:
         q, k, v = (y if b is None else y + b for y, b in zip(lora_qkv(x, *qkv), map(base_bias, modules)))
     else:
@@ -304,27 +313,35 @@ def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, lay
         dropout=attn.attention_dropout if attn.training else 0.0,
     )
     out = out.transpose(1, 2).reshape(b, s, -1)
-    o = _fusable(attn.o_proj)
-    return lora_o(out, o[0]) if o is not None else attn.o_proj(out)
+    o = _fusable(ctx, attn.o_proj)
+    return lora_o(out, o[0], output) if o is not None else attn.o_proj(out)
 
 
-def mlp_forward(mlp, x, state: FastState):
-    projs = _fusable(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+def mlp_forward(mlp, x, ctx: ForwardContext, state: FastState, output: bool = True):
+    """The gated MLP; output=False as for attention_forward (down_proj's base matmul)."""
+    projs = _fusable(ctx, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if projs is not None:
-        return lora_mlp(x, *projs, state.activation)
+        return lora_mlp(x, *projs, state.activation, output)
     return mlp.down_proj(glu_activation(mlp.gate_proj(x), mlp.up_proj(x), state.activation))
 
 
-def decoder_layer_forward(layer, x, ctx: ForwardContext, state: FastState, cache, layer_idx: int):
+def decoder_layer_forward(layer, x, ctx: ForwardContext, state: FastState, cache, layer_idx: int,
+                          ckpt: LayerPass | None = None):
+    """One decoder layer. Under checkpointing `ckpt` says which pass this is: the recompute skips the
+    matmuls whose results only feed the residual stream (memory/offload.py)."""
     def norm(h, module):
         return rms_norm(h, module.weight, state.eps, state.spec.norm_offset)
 
-    h = attention_forward(layer.self_attn, norm(x, layer.input_layernorm), ctx, state, cache, layer_idx)
     if not state.spec.sandwich_norms:
-        x = x + h
-        return x + mlp_forward(layer.mlp, norm(x, layer.post_attention_layernorm), state)
+        recompute = ckpt is not None and ckpt.recompute
+        h = attention_forward(layer.self_attn, norm(x, layer.input_layernorm), ctx, state, cache, layer_idx,
+                              output=not (recompute and ckpt.parks))
+        x = residual_add(x, h, ckpt)
+        return x + mlp_forward(layer.mlp, norm(x, layer.post_attention_layernorm), ctx, state, output=not recompute)
+    # Gemma 2/3: both blocks' outputs feed norms, whose backward reads them; nothing is skipped.
+    h = attention_forward(layer.self_attn, norm(x, layer.input_layernorm), ctx, state, cache, layer_idx)
     x = x + norm(h, layer.post_attention_layernorm)
-    h = mlp_forward(layer.mlp, norm(x, layer.pre_feedforward_layernorm), state)
+    h = mlp_forward(layer.mlp, norm(x, layer.pre_feedforward_layernorm), ctx, state)
     return x + norm(h, layer.post_feedforward_layernorm)
 
 
@@ -417,6 +434,13 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     shift_labels = kwargs.pop("shift_labels", None)
     _note_ignored(kwargs)
     _refuse_attention_weights(kwargs)
+    has_labels = labels is not None or shift_labels is not None
+    fused_loss = has_labels and self.training and torch.is_grad_enabled() and not _RETURN_TRAINING_LOGITS
+    prepared = None
+    if fused_loss and isinstance(logits_to_keep, int) and not logits_to_keep:
+        # the targets' count starts on its way to the host now, before the decoder is queued (PreparedTargets)
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        prepared = PreparedTargets(labels, shift_labels, tokens.shape[0] * tokens.shape[1], tokens.device)
     hidden, cache, all_hidden = run_decoder(
         self.model, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
         bool(output_hidden_states),
@@ -427,13 +451,12 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     else:
         hidden = hidden[:, logits_to_keep]
     cap = self.model._fasttune_state.final_softcap
-    has_labels = labels is not None or shift_labels is not None
     loss = logits = None
-    if has_labels and self.training and torch.is_grad_enabled() and not _RETURN_TRAINING_LOGITS:
+    if fused_loss:
         # Training never forms the (tokens x vocab) logits: the loss and its gradients are computed
         # in token chunks. An adapter on lm_head is included, or refused with an error.
         loss = fused_lm_head_loss(self.lm_head, hidden, labels, shift_labels=shift_labels,
-                                  num_items_in_batch=num_items_in_batch, softcap=cap)
+                                  num_items_in_batch=num_items_in_batch, softcap=cap, prepared=prepared)
     else:
         raw = self.lm_head(hidden)
         if has_labels:

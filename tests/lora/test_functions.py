@@ -412,6 +412,27 @@ def test_quantized_mlp_and_qkv():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_output_false_skips_the_last_base_matmul_and_keeps_the_gradients():
+    """output=False (a checkpoint recompute whose result only feeds the residual stream): zeros come back,
+    down_proj's / o_proj's base weight is never dequantized, and dx, dA, dB are those of output=True."""
+    for names, fn in ((MLP_NAMES, lambda t, p, out: lora_mlp(t, *p, "silu", output=out)),
+                      (["o_proj"], lambda t, p, out: lora_o(t, p[0], output=out))):
+        model = peft_net(names)
+        mods = layers(model, names)
+        projs = lora_projections(*mods)
+        params = adapter_params(mods)
+        x = torch.randn(BATCH, SEQ, SHAPES[names[0]][0], requires_grad=True)
+        dy = torch.randn(BATCH, SEQ, SHAPES[names[-1]][1])
+        want = run(lambda t: fn(t, projs, True), x, params, [dy])
+        quants = [CountingQuant(p.weight) for p in projs]
+        qprojs = [p._replace(weight=q) for p, q in zip(projs, quants)]
+        got = run(lambda t: fn(t, qprojs, False), x, params, [dy])
+        assert [q.calls for q in quants] == [2] * (len(names) - 1) + [1], names  # the last: backward's dx only
+        assert not got[0].any() and got[0].shape == want[0].shape
+        for g, w in zip(got[1:], want[1:]):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # eligibility
 # --------------------------------------------------------------------------------------------
