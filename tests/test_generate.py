@@ -105,3 +105,21 @@ def test_generate_on_a_peft_model_uses_the_adapter(tiny_model_dir):
                 p.normal_(0, 0.5)
     after = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert not torch.equal(before, after)
+
+
+def test_the_cache_is_taken_under_either_name():
+    """transformers 5.25 renamed the forward's `past_key_values` to `cache` (generate passes `cache=`):
+    a prefill then one step through the cache, under either name, gives the logits of the whole sequence."""
+    from transformers import DynamicCache
+
+    _, fast = patched_pair("llama")
+    ids = torch.randint(3, 128, (1, 9))
+    with torch.no_grad():
+        want = fast(input_ids=ids).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            cache = DynamicCache(config=fast.config)
+            fast(input_ids=ids[:, :-1], use_cache=True, **{name: cache})
+            got = fast(input_ids=ids[:, -1:], use_cache=True, **{name: cache}).logits[:, -1]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="not both"):
+            fast(input_ids=ids, cache=DynamicCache(config=fast.config), past_key_values=DynamicCache(config=fast.config))

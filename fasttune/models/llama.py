@@ -361,6 +361,17 @@ _SILENTLY_ACCEPTED = {
 }
 _warned_kwargs: set = set()
 
+# transformers 5.25 renamed `past_key_values` to `cache`, in the forward's arguments (generate passes `cache=`)
+# and in the model outputs' fields; both names are taken here, and the outputs use this version's field.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_argument(past_key_values, kwargs: dict):
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
 
 def _note_ignored(kwargs: dict) -> None:
     for name in kwargs:
@@ -407,6 +418,7 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
 
 def base_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                        inputs_embeds=None, use_cache=None, output_hidden_states=None, **kwargs):
+    past_key_values = _cache_argument(past_key_values, kwargs)
     _note_ignored(kwargs)
     _refuse_attention_weights(kwargs)
     hidden, cache, all_hidden = run_decoder(
@@ -414,7 +426,7 @@ def base_model_forward(self, input_ids=None, attention_mask=None, position_ids=N
         bool(output_hidden_states),
     )
     out = BaseModelOutputWithPast(
-        last_hidden_state=hidden, past_key_values=cache, hidden_states=tuple(all_hidden) if all_hidden else None
+        last_hidden_state=hidden, hidden_states=tuple(all_hidden) if all_hidden else None, **{_CACHE_FIELD: cache}
     )
     return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
 
@@ -432,6 +444,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
                       logits_to_keep=0, **kwargs):
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
+    past_key_values = _cache_argument(past_key_values, kwargs)
     _note_ignored(kwargs)
     _refuse_attention_weights(kwargs)
     has_labels = labels is not None or shift_labels is not None
@@ -464,6 +477,6 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
                                   softcap=cap)
         logits = raw if cap is None else torch.tanh(raw / cap) * cap
     out = CausalLMOutputWithPast(
-        loss=loss, logits=logits, past_key_values=cache, hidden_states=tuple(all_hidden) if all_hidden else None
+        loss=loss, logits=logits, hidden_states=tuple(all_hidden) if all_hidden else None, **{_CACHE_FIELD: cache}
     )
     return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
