@@ -2,7 +2,7 @@
 """Where a training step's time goes: torch.profiler over a few steps of train.py's loop, per stack.
 
     python3 benchmarks/profile_train.py --stack fasttune --stack hf [--model llama-1b] [--quant 4bit] [--seq 2048] [--batch 2]
-        [--shapes] [--host]
+        [--shapes] [--host] [--python]
 
 Prints, per stack, the mean step time and the top kernels by device time and top operators by host
 time, so that a gap between two stacks can be pinned to the operators that cause it. A diagnostic,
@@ -37,8 +37,10 @@ def profile(stack: str, args) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
 
-    def step(i):
+    def step(i, hold=None):
         ids = data[i * args.batch:(i + 1) * args.batch].cuda()
+        if hold:
+            torch.cuda._sleep(hold)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -49,9 +51,11 @@ def profile(stack: str, args) -> None:
         step(i)
     torch.cuda.synchronize()
     if args.host:
-        host_time(step, args)
-        if args.rows == 0:  # the queueing time only
-            return
+        host_time(step, args, stack)
+    if args.python:
+        python_profile(step, args)
+    if args.host or args.python:
+        return
     t0 = time.perf_counter()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(args.warmup, args.warmup + args.steps):
@@ -68,10 +72,12 @@ def profile(stack: str, args) -> None:
                              max_shapes_column_width=90))
 
 
-def host_time(step, args) -> None:
-    """How long the host takes to queue one step, with the GPU held busy meanwhile (a sleep kernel long
-    enough to cover it): when that is close to the step's wall time, the step is bound by the host, not
-    the GPU. A queueing time as long as the hold means the step waits for the GPU somewhere (a sync)."""
+def host_time(step, args, stack: str) -> None:
+    """How long the host takes to queue one step, with the GPU held busy meanwhile by a sleep kernel long
+    enough to cover it: when that is close to the step's wall time, the step is bound by the host, not
+    the GPU. The hold is queued as the step's first GPU work (for fasttune right behind the targets'
+    count, which the fused loss reads on the host), so a queueing time as long as the hold means the step
+    waits for its own GPU work somewhere (a sync)."""
     import torch
 
     hold_cycles = 4_000_000_000
@@ -80,18 +86,51 @@ def host_time(step, args) -> None:
     torch.cuda._sleep(hold_cycles)
     torch.cuda.synchronize()
     hold = time.perf_counter() - t0
+    restore = None
+    if stack == "fasttune":
+        import fasttune.models.llama as llama
+
+        original = llama.PreparedTargets
+
+        class HeldTargets(original):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                torch.cuda._sleep(hold_cycles)
+
+        llama.PreparedTargets, restore = HeldTargets, (lambda: setattr(llama, "PreparedTargets", original))
     queued, walls = [], []
-    for i in range(args.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        torch.cuda._sleep(hold_cycles)
-        t1 = time.perf_counter()
-        step(args.warmup + i)
-        queued.append(time.perf_counter() - t1)
-        torch.cuda.synchronize()
-        walls.append(time.perf_counter() - t0 - hold)
+    try:
+        for i in range(args.steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(args.warmup + i, hold=None if restore else hold_cycles)
+            queued.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0 - hold)
+    finally:
+        if restore:
+            restore()
     print(f"host queueing time per step: {', '.join(f'{q * 1000:.1f}' for q in queued)} ms "
           f"(GPU held {hold * 1000:.0f} ms; step after the hold: {', '.join(f'{w * 1000:.1f}' for w in walls)} ms)")
+
+
+def python_profile(step, args) -> None:
+    """cProfile over --steps steps: where the host's Python time goes (the GPU runs meanwhile)."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(args.steps):
+        step(args.warmup + i)
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(args.rows)
+    stats.sort_stats("cumulative").print_stats(args.rows)
 
 
 def main(argv=None) -> int:
@@ -107,7 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--no-gc", action="store_true")
     p.add_argument("--shapes", action="store_true", help="also the operators grouped by input shapes")
-    p.add_argument("--host", action="store_true", help="first, the host's queueing time per step (GPU held)")
+    p.add_argument("--host", action="store_true", help="only the host's queueing time per step (GPU held)")
+    p.add_argument("--python", action="store_true", help="only cProfile's view of the host's Python time")
     args = p.parse_args(argv)
     stacks.set_offline_env()
     for stack in args.stack:

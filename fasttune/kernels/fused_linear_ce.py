@@ -254,7 +254,8 @@ class PreparedTargets:
     the host without waiting. The fused loss needs that count on the host (it sizes the chunk loop);
     reading it at the loss would stall the host until the GPU had finished the whole forward, with the
     GPU then idle while the host queues the backward. Made before the decoder runs (the owned forward
-    does), the copy has long landed when the loss asks."""
+    does), the copy has long landed when the loss asks: the host waits at most until the GPU has reached
+    the start of the step (as copying a batch to the GPU makes it wait), never for the step's own work."""
 
     def __init__(self, labels, shift_labels, rows: int, device, ignore_index: int = IGNORE_INDEX):
         self.targets = _flat_targets(labels, shift_labels, ignore_index, rows, device)

@@ -163,11 +163,14 @@ def test_checkpointing_lowers_peak_memory(model_dirs):
 
 @needs_cuda
 @pytest.mark.parametrize("masked", [False, True])
-def test_a_training_step_never_waits_for_the_gpu(model_dirs, masked):
-    """The host queues a whole step (forward, fused loss, offloaded backward, optimizer) while the GPU is
-    held busy by a long sleep kernel: any host sync inside the step (a .item(), a nonzero) would make the
-    queueing last as long as the hold. With prompt-masked labels the fused loss compacts the kept tokens
-    without a sync too (their count comes from PreparedTargets)."""
+def test_a_training_step_never_waits_for_its_own_gpu_work(model_dirs, masked, monkeypatch):
+    """Once the step's first GPU work is queued (the targets' count, PreparedTargets), the host queues the
+    rest of the step (forward, fused loss, offloaded backward, optimizer) without waiting for the GPU: a
+    long sleep kernel is queued right behind the count, and any host sync after it (a .item(), a nonzero)
+    would make the queueing last as long as that hold. With prompt-masked labels the fused loss compacts
+    the kept tokens by the count, which was on its way to the host before the sleep."""
+    import fasttune.models.llama as llama
+
     model, _ = fast_lora(model_dirs("llama"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
@@ -191,7 +194,14 @@ def test_a_training_step_never_waits_for_the_gpu(model_dirs, masked):
     torch.cuda._sleep(2_000_000_000)
     torch.cuda.synchronize()
     hold = time.perf_counter() - t0
-    torch.cuda._sleep(2_000_000_000)
+
+    class HeldTargets(llama.PreparedTargets):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            torch.cuda._sleep(2_000_000_000)  # behind the count's copy, ahead of the decoder
+
+    monkeypatch.setattr(llama, "PreparedTargets", HeldTargets)
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
     loss = step()
     queued = time.perf_counter() - t0
