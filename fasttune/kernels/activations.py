@@ -150,24 +150,29 @@ if triton is not None:
 
     @triton.jit
     def _glu_bwd_kernel(
-        DH, G, U, DG, DU, stride_dh, stride_g, stride_u, stride_dg, stride_du, M, N,
-        KIND: tl.constexpr, COMPUTE_DG: tl.constexpr, COMPUTE_DU: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DH, G, U, DG, DU, H, stride_dh, stride_g, stride_u, stride_dg, stride_du, stride_h, M, N,
+        KIND: tl.constexpr, COMPUTE_DG: tl.constexpr, COMPUTE_DU: tl.constexpr, STORE_H: tl.constexpr,
+        EMULATE_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows < M)[:, None] & (cols < N)[None, :]
         rows64 = rows.to(tl.int64)[:, None]
+        # Every load comes before the first store: the outputs may overwrite the inputs (in place).
         dh = tl.load(DH + rows64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if COMPUTE_DG or STORE_H:
+            u = tl.load(U + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         a, da = _act_and_grad(g, KIND)
         if COMPUTE_DU:
             du = rounded(dh * a, DU.dtype.element_ty, EMULATE_RTNE)
             tl.store(DU + rows64 * stride_du + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
         if COMPUTE_DG:
-            u = tl.load(U + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             dg = rounded(dh * u * da, DG.dtype.element_ty, EMULATE_RTNE)
             tl.store(DG + rows64 * stride_dg + cols[None, :], dg.to(DG.dtype.element_ty), mask=mask)
+        if STORE_H:  # the forward's h again, rounded as the forward rounds it
+            h = rounded(rounded(a, G.dtype.element_ty, EMULATE_RTNE) * u, H.dtype.element_ty, EMULATE_RTNE)
+            tl.store(H + rows64 * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,23 +222,37 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, kind: str):
     return h, g2, u2
 
 
-def glu_backward(dh: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, kind: str, need_dg=True, need_du=True):
-    """Launch the backward kernel over the saved 2-D gate/up. Returns (dgate, dup) as (rows, n) or None."""
+def glu_backward(dh: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, kind: str, need_dg=True, need_du=True,
+                 *, out=None, with_h: bool = False):
+    """Launch the backward kernel over the saved 2-D gate/up. Returns (dgate, dup) as (rows, n) or None,
+    and with `with_h` also h = act(gate) * up as the forward computed it (one pass instead of two).
+
+    `out` = (dg, du, h) buffers to write into, any of them None for a new one: they may be the inputs
+    themselves (dg over g2, du over u2, h over dh), since every element is read before it is written."""
     m, n = g2.shape
     dh2 = _rows(dh, n)
-    dg = torch.empty((m, n), dtype=g2.dtype, device=g2.device) if need_dg else None
-    du = torch.empty((m, n), dtype=u2.dtype, device=u2.device) if need_du else None
-    if m and n and (need_dg or need_du):
+    out_dg, out_du, out_h = out if out is not None else (None, None, None)
+
+    def buffer(given, like, wanted):
+        if not wanted:
+            return None
+        return given if given is not None else torch.empty((m, n), dtype=like.dtype, device=like.device)
+
+    dg, du = buffer(out_dg, g2, need_dg), buffer(out_du, u2, need_du)
+    h = buffer(out_h, g2, with_h)
+    if h is not None and h.dtype != torch.promote_types(g2.dtype, u2.dtype):
+        raise ValueError(f"glu_backward: h buffer is {h.dtype}, the forward's h is "
+                         f"{torch.promote_types(g2.dtype, u2.dtype)}")
+    if m and n and (need_dg or need_du or with_h):
         block_m, block_n, num_warps = _config(m, n)
-        dg_ = dg if dg is not None else dh2
-        du_ = du if du is not None else dh2
+        dg_, du_, h_ = (t if t is not None else dh2 for t in (dg, du, h))
         _glu_bwd_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-            dh2, g2, u2, dg_, du_,
-            dh2.stride(0), g2.stride(0), u2.stride(0), dg_.stride(0), du_.stride(0), m, n,
-            KIND=_KIND_CODE[kind], COMPUTE_DG=need_dg, COMPUTE_DU=need_du, EMULATE_RTNE=interpreting(),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            dh2, g2, u2, dg_, du_, h_,
+            dh2.stride(0), g2.stride(0), u2.stride(0), dg_.stride(0), du_.stride(0), h_.stride(0), m, n,
+            KIND=_KIND_CODE[kind], COMPUTE_DG=need_dg, COMPUTE_DU=need_du, STORE_H=with_h,
+            EMULATE_RTNE=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )
-    return dg, du
+    return (dg, du, h) if with_h else (dg, du)
 
 
 class GLUFunction(torch.autograd.Function):

@@ -340,11 +340,16 @@ def _glu_forward(g2: torch.Tensor, u2: torch.Tensor, kind: str) -> torch.Tensor:
     return _act.glu_activation_reference(g2, u2, kind)
 
 
-def _glu_backward(dh: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, kind: str):
-    """(dgate, dup) of h = act(g) * u: the Triton kernel on CUDA, elsewhere the same math in PyTorch."""
+def _glu_backward(dh: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, kind: str, in_place: bool):
+    """(dgate, dup, h) of h = act(g) * u, h as the forward computed it, in one pass: the Triton kernel on
+    CUDA, elsewhere the same math in PyTorch. h is written over dh (a private buffer of the caller's), and
+    with `in_place` dgate and dup over g2 and u2 (their last reader is this pass)."""
+    out = (g2, u2, dh) if in_place else (None, None, dh)
     if _use_glu_kernel(g2):
-        return _act.glu_backward(dh, g2, u2, kind)
-    return _act.glu_backward_reference(dh, g2, u2, kind)
+        return _act.glu_backward(dh, g2, u2, kind, out=out, with_h=True)
+    dg, du = _act.glu_backward_reference(dh, g2, u2, kind)
+    h = _act.glu_activation_reference(g2, u2, kind)
+    return tuple(o.copy_(t) if o is not None else t for o, t in zip(out, (dg, du, h)))
 
 
 class _LoRAMLP(torch.autograd.Function):
@@ -375,6 +380,10 @@ class _LoRAMLP(torch.autograd.Function):
         ctx.weights = [p[0] for p in (gate, up, down)]
         ctx.scalings = [p[3] for p in (gate, up, down)]
         ctx.kind, ctx.dtype, ctx.x_shape, ctx.x_dtype = kind, dtype, x.shape, x.dtype
+        # A checkpoint's recompute (output=False) builds this node for one backward and drops it: its
+        # saved g and u have no other reader, so that backward may overwrite them (never under
+        # retain_graph, which only a graph of the user's own, output=True, can have).
+        ctx.private_saved = not output
         return out.view(*lead, out.shape[-1])
 
     @staticmethod
@@ -389,17 +398,23 @@ class _LoRAMLP(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         need_dh = need_dx or nA_g or nB_g or nA_u or nB_u  # all upstream of down
         dtype, kind = ctx.dtype, ctx.kind
-        dx = dAg = dBg = dAu = dBu = None
+        dx = dAg = dBg = dAu = dBu = dAd = None
         with torch.autocast(dout.device.type, enabled=False):
             dy = dout.reshape(-1, dout.shape[-1]).to(dtype)
-            h = _glu_forward(g2, u2, kind) if nA_d else None  # dA_down = s (dy B)^T h
-            dh, dAd, dBd = _proj_backward(
-                dy, h, ha_d, down, dtype, (need_dh, nA_d, nB_d)
-            )
+            dh, _, dBd = _proj_backward(dy, None, ha_d, down, dtype, (need_dh, False, nB_d))
+            if need_dh:
+                # One pass gives dg, du and h (for dA_down): h over dh, and in a checkpoint recompute
+                # (g2 and u2 private to this backward) dg and du over g2 and u2: no (N, inter) buffer is new.
+                dg, du, h = _glu_backward(dh, g2, u2, kind, in_place=ctx.private_saved)
+                del dh
+            else:
+                dg = du = None
+                h = _glu_forward(g2, u2, kind) if nA_d else None
+            del g2, u2
+            if nA_d:  # dA_down = s (dy B)^T h
+                _, dAd, _ = _proj_backward(dy, h, None, down, dtype, (False, True, False))
             del h
             if need_dh:
-                dg, du = _glu_backward(dh, g2, u2, kind)
-                del dh
                 need = (need_dx, nA_g, nB_g)
                 acc = fp32_accumulator(dtype, dg.device)  # gate and up both feed dX
                 dx, dAg, dBg = _proj_backward(dg, x2, xa_g, gate, dtype, need, None, acc)

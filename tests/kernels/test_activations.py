@@ -206,3 +206,40 @@ def test_written_out_backward_matches_autograd_of_the_reference(kind):
     # fp32 inside: agreement to fp32 precision
     torch.testing.assert_close(dg, g.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(du, u.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_glu_backward_with_h_in_place(dtype, kind):
+    """The fused LoRA MLP's recompute backward: one pass writes dgate over gate, dup over up and the
+    forward's h over dh. Same values as the separate launches, every element written."""
+    g, u = _inputs((5, 123), dtype, DEVICE)
+    dh = torch.randn(5, 123, device=DEVICE).to(dtype)
+    want_dg, want_du = act.glu_backward(dh, g, u, kind)
+    want_h = act.glu_forward(g, u, kind)[0]
+    gi, ui, dhi = g.clone(), u.clone(), dh.clone()
+    dg, du, h = act.glu_backward(dhi, gi, ui, kind, out=(gi, ui, dhi), with_h=True)
+    assert (dg.data_ptr(), du.data_ptr(), h.data_ptr()) == (gi.data_ptr(), ui.data_ptr(), dhi.data_ptr())
+    for got, want in ((dg, want_dg), (du, want_du), (h, want_h)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # out of place, new buffers: the inputs are untouched
+    g0, u0, dh0 = g.clone(), u.clone(), dh.clone()
+    dg, du, h = act.glu_backward(dh, g, u, kind, with_h=True)
+    torch.testing.assert_close(h, want_h, rtol=0, atol=0)
+    assert torch.equal(g, g0) and torch.equal(u, u0) and torch.equal(dh, dh0)
+    # against the reference's math
+    ref = act.glu_backward_reference
+    truth = ref(dh.double(), g.double(), u.double(), kind)
+    for name, got, cheap, exact in zip(("dg", "du"), (dg, du), ref(dh, g, u, kind), truth):
+        assert_no_worse(name, got, cheap, exact, dtype)
+    torch.testing.assert_close(h, glu_activation_reference(g, u, kind), **_tol(dtype))
+
+
+def _tol(dtype):
+    return {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+
+
+def test_glu_backward_rejects_an_h_buffer_of_another_dtype():
+    g, u = _inputs((2, 16), torch.bfloat16, DEVICE)
+    with pytest.raises(ValueError, match="h buffer"):
+        act.glu_backward(g, g, u, "silu", out=(None, None, torch.empty(2, 16, device=DEVICE)), with_h=True)

@@ -545,3 +545,23 @@ def test_argument_errors():
             (w.t(), None, None, 1.0),
             "relu",
         )
+
+
+@needs_kernel(act, "_glu_bwd_kernel")
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_mlp_recompute_backward_in_place_through_the_triton_activation(mode, monkeypatch):
+    """output=False (a checkpoint recompute) lets the backward overwrite the saved gate/up with their
+    gradients and dh with h, in the Triton kernel: the gradients are those of an ordinary output=True node."""
+    dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+    model = peft_net(MLP_NAMES)
+    mods = layers(model, MLP_NAMES)
+    projs = lora_projections(*mods)
+    params = adapter_params(mods)
+    x = torch.randn(BATCH, SEQ, SHAPES["gate_proj"][0]).to(dtype).requires_grad_()
+    dy = torch.randn(BATCH, SEQ, SHAPES["down_proj"][1]).to(dtype)
+    want = run(lambda t: lora_mlp(t, *projs, "silu", output=True), x, params, [dy])
+    monkeypatch.setattr(lora_functions, "_use_glu_kernel", lambda g: True)
+    got = run(lambda t: lora_mlp(t, *projs, "silu", output=False), x, params, [dy])
+    tol = {"rtol": 1e-5, "atol": 1e-5} if mode == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g.float(), w.float(), **tol)
