@@ -97,6 +97,33 @@ def test_recompute_skips_the_matmuls_that_only_feed_the_residual_stream(tiny_mod
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_parking_up_proj_output_skips_its_recompute(tiny_model_dir, offload_on_cpu, monkeypatch):
+    """FASTTUNE_PARK_MLP_UP: the forward parks up_proj's output beside the layer input and the mid-layer
+    residual; the recompute takes it back and computes only up's adapter input term; gradients unchanged."""
+    from fasttune.lora import functions
+    from fasttune.models import llama
+
+    monkeypatch.setattr(llama, "_PARK_MLP_UP", True)
+    model_dir = tiny_model_dir("llama")
+    batch = uneven_batch(1000, rows=3, length=14)
+    want_loss, want = _run(_model(model_dir, False), batch)
+    model = _model(model_dir, "unsloth")
+    phantoms = []
+    original = functions._phantom
+    monkeypatch.setattr(functions, "_phantom", lambda *a: phantoms.append(a[1]) or original(*a))
+    got_loss, got = _run(model, batch)
+    cfg = model.config
+    assert offload_on_cpu == [slot for i in range(cfg.num_hidden_layers) for slot in (i, (i, 1), (i, 2))]
+    # per layer: o_proj, up_proj (parked) and down_proj skip their base matmul in the recompute
+    assert sorted(phantoms) == sorted([cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size] * cfg.num_hidden_layers)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    assert got.keys() == want.keys() and got
+    for name in want:
+        scale = want[name].abs().max().item()
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * max(scale, 1e-30),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_offloaded_checkpointing_refuses_autograd_grad(tiny_model_dir, offload_on_cpu):
     model = _model(tiny_model_dir("llama"), "unsloth")
     loss = model(**uneven_batch(1000, rows=2, length=10)).loss

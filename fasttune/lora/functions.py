@@ -352,18 +352,26 @@ def _glu_backward(dh: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, kind: st
     return tuple(o.copy_(t) if o is not None else t for o, t in zip(out, (dg, du, h)))
 
 
+_MLP_FLAT = 6  # _LoRAMLP.forward's arguments before `flat`
+
+
 class _LoRAMLP(torch.autograd.Function):
     """flat = gate, up, down as (weight, A, B, scaling) each."""
 
     @staticmethod
-    def forward(ctx, x, dtype, kind, output, *flat):
+    def forward(ctx, x, dtype, kind, output, up_value, up_sink, *flat):
         gate, up, down = _split(flat)
-        (nA_g, _), (nA_u, _), _ = _needs(ctx, 4, 3)
+        (nA_g, _), (nA_u, _), _ = _needs(ctx, _MLP_FLAT, 3)
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             g2, xa_g = _proj_forward(x2, gate, dtype)
-            u2, xa_u = _proj_forward(x2, up, dtype)
+            if up_value is None:
+                u2, xa_u = _proj_forward(x2, up, dtype)
+            else:  # the forward's value, kept: only x A_up^T (for dB_up) is computed
+                u2, xa_u = up_value.reshape(g2.shape).to(dtype), _proj_forward(x2, up, dtype, False)[1]
+            if up_sink is not None:
+                up_sink(u2)
             h = _glu_forward(g2, u2, kind)
             out, ha_d = _proj_forward(h, down, dtype, output)
         del h  # recomputed in backward from g and u
@@ -394,7 +402,7 @@ class _LoRAMLP(torch.autograd.Function):
             (w, adapters[2 * i], adapters[2 * i + 1], s)
             for i, (w, s) in enumerate(zip(ctx.weights, ctx.scalings))
         ]
-        (nA_g, nB_g), (nA_u, nB_u), (nA_d, nB_d) = _needs(ctx, 4, 3)
+        (nA_g, nB_g), (nA_u, nB_u), (nA_d, nB_d) = _needs(ctx, _MLP_FLAT, 3)
         need_dx = ctx.needs_input_grad[0]
         need_dh = need_dx or nA_g or nB_g or nA_u or nB_u  # all upstream of down
         dtype, kind = ctx.dtype, ctx.kind
@@ -424,16 +432,19 @@ class _LoRAMLP(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         grads = [None, dAg, dBg, None, None, dAu, dBu, None, None, dAd, dBd, None]
-        return (dx, None, None, None, *grads)
+        return (dx, None, None, None, None, None, *grads)
 
 
-def lora_mlp(x: torch.Tensor, gate, up, down, activation: str, output: bool = True) -> torch.Tensor:
+def lora_mlp(x: torch.Tensor, gate, up, down, activation: str, output: bool = True, *,
+             up_value: torch.Tensor | None = None, up_sink=None) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) with LoRA on each projection, as one autograd node.
 
     gate, up, down: (weight, A, B, scaling) tuples (A = B = None: no adapter there).
     activation: "silu" (SwiGLU), "gelu" (exact GeGLU) or "gelu_tanh" (tanh GeGLU); the
     transformers names "swish", "gelu_pytorch_tanh", "gelu_new", "gelu_fast" work too.
     output=False: a recompute that reads only the gradients (down's base matmul skipped; module docstring).
+    up_sink: called with the up projection's (N, intermediate) output, adapter term included (a checkpoint's
+    forward parks it); up_value: that value, given back to a recompute, which then skips up's base matmul.
     """
     if activation not in MLP_ACTIVATIONS:
         raise ValueError(
@@ -448,4 +459,7 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str, output: bool = Tr
         raise ValueError(f"lora_mlp: gate has {inter} outputs but up has {inter_up}")
     down, _ = _check_projection("down", down, inter)
     kind = MLP_ACTIVATIONS[activation]
-    return _LoRAMLP.apply(x, _compute_dtype(x), kind, bool(output), *gate, *up, *down)
+    rows = x.numel() // max(x.shape[-1], 1)
+    if up_value is not None and (up_value.shape[-1] != inter or up_value.numel() != rows * inter):
+        raise ValueError(f"lora_mlp: up_value has shape {tuple(up_value.shape)}; expected {rows} rows of {inter}")
+    return _LoRAMLP.apply(x, _compute_dtype(x), kind, bool(output), up_value, up_sink, *gate, *up, *down)

@@ -264,6 +264,9 @@ def _prepare_context(state, inputs_embeds, attention_mask, position_ids, cache) 
 # modules elsewhere. FASTTUNE_FUSED_LORA=0 keeps every projection on its module's forward.
 _FUSED_LORA = os.environ.get("FASTTUNE_FUSED_LORA", "1") not in ("", "0", "false", "False")
 _unfused_noted: set = set()
+# Offloaded checkpointing: park up_proj's output too (more PCIe traffic in the forward, one matmul less
+# in the recompute); memory/offload.py says when that pays.
+_PARK_MLP_UP = os.environ.get("FASTTUNE_PARK_MLP_UP", "0") not in ("", "0", "false", "False")
 
 
 def _fusable(ctx: ForwardContext, *modules, allow_bias: bool = False):
@@ -317,10 +320,16 @@ def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, lay
     return lora_o(out, o[0], output) if o is not None else attn.o_proj(out)
 
 
-def mlp_forward(mlp, x, ctx: ForwardContext, state: FastState, output: bool = True):
-    """The gated MLP; output=False as for attention_forward (down_proj's base matmul)."""
+def mlp_forward(mlp, x, ctx: ForwardContext, state: FastState, output: bool = True, ckpt: LayerPass | None = None):
+    """The gated MLP; output=False as for attention_forward (down_proj's base matmul). Under offloaded
+    checkpointing with FASTTUNE_PARK_MLP_UP=1 the forward parks up_proj's output and the recompute takes it
+    back instead of recomputing it (memory/offload.py: what parking costs and saves)."""
     projs = _fusable(ctx, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if projs is not None:
+        if ckpt is not None and ckpt.parks and _PARK_MLP_UP:
+            if ckpt.recompute:
+                return lora_mlp(x, *projs, state.activation, output, up_value=ckpt.parked())
+            return lora_mlp(x, *projs, state.activation, output, up_sink=ckpt.park)
         return lora_mlp(x, *projs, state.activation, output)
     return mlp.down_proj(glu_activation(mlp.gate_proj(x), mlp.up_proj(x), state.activation))
 
@@ -337,11 +346,12 @@ def decoder_layer_forward(layer, x, ctx: ForwardContext, state: FastState, cache
         h = attention_forward(layer.self_attn, norm(x, layer.input_layernorm), ctx, state, cache, layer_idx,
                               output=not (recompute and ckpt.parks))
         x = residual_add(x, h, ckpt)
-        return x + mlp_forward(layer.mlp, norm(x, layer.post_attention_layernorm), ctx, state, output=not recompute)
+        return x + mlp_forward(layer.mlp, norm(x, layer.post_attention_layernorm), ctx, state, output=not recompute,
+                               ckpt=ckpt)
     # Gemma 2/3: both blocks' outputs feed norms, whose backward reads them; nothing is skipped.
     h = attention_forward(layer.self_attn, norm(x, layer.input_layernorm), ctx, state, cache, layer_idx)
     x = x + norm(h, layer.post_attention_layernorm)
-    h = mlp_forward(layer.mlp, norm(x, layer.pre_feedforward_layernorm), ctx, state)
+    h = mlp_forward(layer.mlp, norm(x, layer.pre_feedforward_layernorm), ctx, state, ckpt=ckpt)
     return x + norm(h, layer.post_feedforward_layernorm)
 
 
