@@ -80,6 +80,7 @@ class FastState:
     final_softcap: float | None = None
     embed_scale: float | None = None  # applied here only when the embedding module does not
     gradient_checkpointing: bool | str = False  # False, "recompute" or "offload" (memory/checkpointing.py)
+    park_mlp_up: bool = False  # offloaded checkpointing also parks up_proj's output (parks_mlp_up)
     _on_device: dict = field(default_factory=dict)
 
     def inv_freq_on(self, key, device: torch.device) -> torch.Tensor:
@@ -107,6 +108,27 @@ def _layer_rope_keys(config) -> list:
     if layer_types is not None and any(t in params for t in set(layer_types)):
         return list(layer_types[: config.num_hidden_layers])
     return [None] * config.num_hidden_layers
+
+
+# Parking up_proj's output pays when the forward's matmuls take longer than its PCIe copy: measured on the
+# H100 (PCIe ~52 GB/s each way, bf16 matmuls ~730 TFLOP/s) for Llama-3.1-8B QLoRA, 9.7K FLOP per parked
+# byte: 11,010 -> 11,823 tokens/s. Llama-3.2-1B has 4.9K, and the forward would wait on the copies.
+PARK_MLP_UP_MIN_FLOPS_PER_BYTE = 8000
+
+
+def parks_mlp_up(config, head_dim: int) -> bool:
+    """Whether offloaded checkpointing parks up_proj's output too (FASTTUNE_PARK_MLP_UP=1/0 decides; by
+    default, when the layer's forward GEMM FLOPs per token over the bytes per token it would then park, its
+    input, its mid-layer residual and up's output, reach PARK_MLP_UP_MIN_FLOPS_PER_BYTE)."""
+    env = os.environ.get("FASTTUNE_PARK_MLP_UP", "auto")
+    if env not in ("auto", ""):
+        return env not in ("0", "false", "False")
+    h, inter = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * head_dim
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    flops = 2 * h * (2 * q + 2 * kv * head_dim + 3 * inter)  # q and o, k and v, gate, up and down
+    parked = 2 * (2 * h + inter)  # 16-bit
+    return flops >= PARK_MLP_UP_MIN_FLOPS_PER_BYTE * parked
 
 
 def build_state(config, spec: FamilySpec, embed_tokens=None) -> FastState:
@@ -137,6 +159,7 @@ def build_state(config, spec: FamilySpec, embed_tokens=None) -> FastState:
         attn_softcap=getattr(config, "attn_logit_softcapping", None),
         final_softcap=getattr(config, "final_logit_softcapping", None),
         embed_scale=embed_scale,
+        park_mlp_up=parks_mlp_up(config, head_dim),
     )
 
 
@@ -264,9 +287,6 @@ def _prepare_context(state, inputs_embeds, attention_mask, position_ids, cache) 
 # modules elsewhere. FASTTUNE_FUSED_LORA=0 keeps every projection on its module's forward.
 _FUSED_LORA = os.environ.get("FASTTUNE_FUSED_LORA", "1") not in ("", "0", "false", "False")
 _unfused_noted: set = set()
-# Offloaded checkpointing: park up_proj's output too (more PCIe traffic in the forward, one matmul less
-# in the recompute); memory/offload.py says when that pays.
-_PARK_MLP_UP = os.environ.get("FASTTUNE_PARK_MLP_UP", "0") not in ("", "0", "false", "False")
 
 
 def _fusable(ctx: ForwardContext, *modules, allow_bias: bool = False):
@@ -322,11 +342,11 @@ def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, lay
 
 def mlp_forward(mlp, x, ctx: ForwardContext, state: FastState, output: bool = True, ckpt: LayerPass | None = None):
     """The gated MLP; output=False as for attention_forward (down_proj's base matmul). Under offloaded
-    checkpointing with FASTTUNE_PARK_MLP_UP=1 the forward parks up_proj's output and the recompute takes it
-    back instead of recomputing it (memory/offload.py: what parking costs and saves)."""
+    checkpointing, where it pays (parks_mlp_up), the forward parks up_proj's output and the recompute takes
+    it back instead of recomputing it (memory/offload.py)."""
     projs = _fusable(ctx, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if projs is not None:
-        if ckpt is not None and ckpt.parks and _PARK_MLP_UP:
+        if ckpt is not None and ckpt.parks and state.park_mlp_up:
             if ckpt.recompute:
                 return lora_mlp(x, *projs, state.activation, output, up_value=ckpt.parked())
             return lora_mlp(x, *projs, state.activation, output, up_sink=ckpt.park)
@@ -415,7 +435,8 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
         mode = state.gradient_checkpointing or getattr(layer, "gradient_checkpointing", False)
         if checkpointing and mode:
             run = partial(decoder_layer_forward, layer, ctx=ctx, state=state, cache=None, layer_idx=idx)
-            hidden = layer_checkpoint(run, hidden, idx, offload=mode == "offload")
+            hidden = layer_checkpoint(run, hidden, idx, offload=mode == "offload",
+                                      on_device=idx == len(base.layers) - 1)
         else:
             hidden = decoder_layer_forward(layer, hidden, ctx, state, cache, idx)
         if all_hidden is not None:
