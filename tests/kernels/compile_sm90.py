@@ -147,21 +147,22 @@ def _activation_variants() -> list[Variant]:
                  KIND=_KIND_CODE[kind], EMULATE_RTNE=False, BLOCK_M=block_m, BLOCK_N=block_n),
             dict(num_warps=warps),
         ))
-    # backward: (label, kind, dtype, M, N, need_dg, need_du)
-    for label, kind, dt, m, n, dg, du in (
-        ("silu-bf16", "silu", "bf16", 8192, 8192, True, True),
-        ("gelu_erf-bf16", "gelu", "bf16", 8192, 2048, True, True),
-        ("gelu_tanh-bf16", "gelu_pytorch_tanh", "bf16", 8192, 2048, True, True),
-        ("silu-bf16-dg-only", "silu", "bf16", 8192, 8192, True, False),
-        ("silu-bf16-du-only", "silu", "bf16", 8192, 8192, False, True),
-        ("gelu_tanh-fp32", "gelu_pytorch_tanh", "fp32", 8192, 2048, True, True),
+    # backward: (label, kind, dtype, M, N, need_dg, need_du, store_h)
+    for label, kind, dt, m, n, dg, du, store_h in (
+        ("silu-bf16", "silu", "bf16", 8192, 8192, True, True, False),
+        ("silu-bf16-with-h", "silu", "bf16", 4096, 14336, True, True, True),  # the fused LoRA MLP's backward
+        ("gelu_erf-bf16", "gelu", "bf16", 8192, 2048, True, True, False),
+        ("gelu_tanh-bf16-with-h", "gelu_pytorch_tanh", "bf16", 8192, 2048, True, True, True),
+        ("silu-bf16-dg-only", "silu", "bf16", 8192, 8192, True, False, False),
+        ("silu-bf16-du-only", "silu", "bf16", 8192, 8192, False, True, False),
+        ("gelu_tanh-fp32", "gelu_pytorch_tanh", "fp32", 8192, 2048, True, True, False),
     ):
         block_m, block_n, warps = _config(m, n)
         out.append(Variant(
             f"glu_bwd/{label}", "fasttune.kernels.activations", "_glu_bwd_kernel",
-            dict(DH=Ptr(dt), G=Ptr(dt), U=Ptr(dt), DG=Ptr(dt), DU=Ptr(dt),
-                 stride_dh=n, stride_g=n, stride_u=n, stride_dg=n, stride_du=n, M=m, N=n,
-                 KIND=_KIND_CODE[kind], COMPUTE_DG=dg, COMPUTE_DU=du, EMULATE_RTNE=False,
+            dict(DH=Ptr(dt), G=Ptr(dt), U=Ptr(dt), DG=Ptr(dt), DU=Ptr(dt), H=Ptr(dt),
+                 stride_dh=n, stride_g=n, stride_u=n, stride_dg=n, stride_du=n, stride_h=n, M=m, N=n,
+                 KIND=_KIND_CODE[kind], COMPUTE_DG=dg, COMPUTE_DU=du, STORE_H=store_h, EMULATE_RTNE=False,
                  BLOCK_M=block_m, BLOCK_N=block_n),
             dict(num_warps=warps),
         ))
