@@ -30,6 +30,14 @@ def _all_grads(model) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_grads(got: dict, want: dict) -> None:
+    """Every gradient equal to fp32 rounding, relative to its tensor's scale."""
+    for name in want:
+        scale = want[name].abs().max().item()
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * max(scale, 1e-30),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
 def _run(model, batch, seed=11):
     torch.manual_seed(seed)  # the dropout masks
     loss = model(**batch).loss
@@ -65,10 +73,7 @@ def test_offloaded_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_mo
     assert offload_on_cpu == [slot for i in range(layers - 1) for slot in (i, (i, 1))]
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
     assert got.keys() == want.keys() and got
-    for name in want:
-        scale = want[name].abs().max().item()
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * max(scale, 1e-30),
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_grads(got, want)
     if not full:
         assert grads_of(model)  # the adapters trained
 
@@ -92,10 +97,7 @@ def test_recompute_skips_the_matmuls_that_only_feed_the_residual_stream(tiny_mod
     assert len(phantoms) == per_layer * model.config.num_hidden_layers
     assert set(phantoms) == {model.config.hidden_size}  # o_proj's and down_proj's outputs
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
-    for name in want:
-        scale = want[name].abs().max().item()
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * max(scale, 1e-30),
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_grads(got, want)
 
 
 def test_parking_up_proj_output_skips_its_recompute(tiny_model_dir, offload_on_cpu, monkeypatch):
@@ -120,10 +122,7 @@ def test_parking_up_proj_output_skips_its_recompute(tiny_model_dir, offload_on_c
     assert sorted(phantoms) == sorted([cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size] * cfg.num_hidden_layers)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
     assert got.keys() == want.keys() and got
-    for name in want:
-        scale = want[name].abs().max().item()
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * max(scale, 1e-30),
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_grads(got, want)
 
 
 def test_parking_up_proj_by_default_where_the_matmuls_hide_the_copy(monkeypatch):
