@@ -68,9 +68,8 @@ def test_offloaded_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_mo
     assert fast_state(model).gradient_checkpointing == "offload"
     got_loss, got = _run(model, batch)
     layers = model.config.num_hidden_layers
-    # every layer's input and its residual stream between attention and MLP went to the host, once; the
-    # last layer's stay on the device (its backward comes right after the loss)
-    assert offload_on_cpu == [slot for i in range(layers - 1) for slot in (i, (i, 1))]
+    # every layer's input and its residual stream between attention and MLP went to the host, once
+    assert offload_on_cpu == [slot for i in range(layers) for slot in (i, (i, 1))]
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
     assert got.keys() == want.keys() and got
     assert_same_grads(got, want)
@@ -117,7 +116,7 @@ def test_parking_up_proj_output_skips_its_recompute(tiny_model_dir, offload_on_c
     monkeypatch.setattr(functions, "_phantom", lambda *a: phantoms.append(a[1]) or original(*a))
     got_loss, got = _run(model, batch)
     cfg = model.config
-    assert offload_on_cpu == [slot for i in range(cfg.num_hidden_layers - 1) for slot in (i, (i, 1), (i, 2))]
+    assert offload_on_cpu == [slot for i in range(cfg.num_hidden_layers) for slot in (i, (i, 1), (i, 2))]
     # per layer: o_proj, up_proj (parked) and down_proj skip their base matmul in the recompute
     assert sorted(phantoms) == sorted([cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size] * cfg.num_hidden_layers)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
@@ -182,8 +181,24 @@ def test_gpu_offloading_saves_the_layer_inputs(tiny_model_dir):
     for name, want in grads[True].items():  # the attention backward on CUDA sums in a varying order
         torch.testing.assert_close(grads["unsloth"][name], want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     layer_input = 4 * 512 * 512 * 4  # rows x length x hidden, fp32 on this test's model
-    # the layer inputs of all but the last layer (which keeps its own on the GPU) left the GPU
+    # the layer inputs of all but the layer being recomputed left the GPU
     assert peaks[True] - peaks["unsloth"] >= 0.5 * 7 * layer_input, peaks
+
+
+@pytest.mark.gpu
+def test_gpu_parked_up_proj_output_gives_the_recompute_gradients(tiny_model_dir, monkeypatch):
+    """up_proj's output parked in pinned memory and copied back (the path Llama-8B-sized layers take by
+    default): the gradients of plain recompute checkpointing."""
+    model_dir = tiny_model_dir("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=4)
+    batch = {k: v.cuda() for k, v in uneven_batch(1000, rows=4, length=256).items()}
+    want_loss, want = _run(_model(model_dir, True, dtype=torch.float32).cuda(), batch)
+    monkeypatch.setenv("FASTTUNE_PARK_MLP_UP", "1")
+    model = _model(model_dir, "unsloth", dtype=torch.float32).cuda()
+    assert fast_state(model).park_mlp_up and fast_state(model).gradient_checkpointing == "offload"
+    got_loss, got = _run(model, batch)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
+    for name, w in want.items():  # the attention backward on CUDA sums in a varying order
+        torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
 
 
 @pytest.mark.gpu

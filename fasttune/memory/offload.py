@@ -23,10 +23,11 @@ its backward never reads a value that only feeds the residual stream: out is not
 MLP's last matmul, down_proj, is skipped: `LayerPass.recompute`), and under offloading the forward parks
 h1 beside x (one more (batch, seq, hidden) tensor each way over PCIe), so the attention's last matmul
 (o_proj) is skipped too. For Llama-8B those two are 35% of a layer's GEMM work; the recompute is a third
-of a LoRA step's GEMMs. With FASTTUNE_PARK_MLP_UP=1 the forward also parks up_proj's output, (batch, seq,
-intermediate), and the recompute skips up's base matmul (another 27% of a Llama-8B layer's GEMM work) at
-3.5 times the PCIe traffic of the two residual tensors: it pays only where the forward's layer time
-hides that copy (the PCIe link moves ~50 GB/s each way), so it is off by default.
+of a LoRA step's GEMMs. On layers large enough (models/llama.py: parks_mlp_up, Llama-8B's and larger) the
+forward also parks up_proj's output, (batch, seq, intermediate), and the recompute skips up's base matmul
+(another 27% of a Llama-8B layer's GEMM work) at 3.5 times the PCIe traffic of the two residual tensors:
+that pays only where the forward's matmuls take longer than the copy (the H100's PCIe moves ~52-55 GB/s
+each way).
 
 Without offloading (use_gradient_checkpointing=True) the same Function keeps the input on the GPU: one
 autograd node per layer and no saved-tensor hooks, which costs the host about a fifth less time per
@@ -102,22 +103,17 @@ def _fetch(hosts: list, device: torch.device):
     return gpus, done
 
 
-def _in_host_memory(ctx) -> bool:
-    return ctx.offloaded and ctx.hosts is not None and ctx.hosts[0].is_pinned()
-
-
 def _back_on_device(ctx) -> list:
     """The layer's input and parked tensors on its device again; on CUDA, starts the copy back of the
     layer below too."""
-    if _in_host_memory(ctx):
-        if ctx.fetched is None:
-            ctx.fetched = _fetch(ctx.hosts, ctx.device)
-        gpus, done = ctx.fetched
-        torch.cuda.current_stream(ctx.device).wait_event(done)
-    else:  # recompute mode, a layer parked on the device, or the CPU tests' clones
-        gpus = [h.to(ctx.device, non_blocking=True) for h in ctx.hosts]
+    if not ctx.offloaded or not ctx.hosts[0].is_pinned():  # recompute mode, or the CPU tests' clones
+        return [h.to(ctx.device, non_blocking=True) for h in ctx.hosts]
+    if ctx.fetched is None:
+        ctx.fetched = _fetch(ctx.hosts, ctx.device)
+    gpus, done = ctx.fetched
+    torch.cuda.current_stream(ctx.device).wait_event(done)
     below = ctx.below() if ctx.below is not None else None
-    if below is not None and _in_host_memory(below) and below.fetched is None:
+    if below is not None and below.offloaded and below.hosts is not None and below.fetched is None:
         below.fetched = _fetch(below.hosts, below.device)
     return gpus
 
@@ -172,7 +168,7 @@ def residual_add(x: torch.Tensor, h: torch.Tensor, ckpt: LayerPass | None) -> to
 
 class _LayerCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, slot, offload, on_device, hidden, grad_anchor):
+    def forward(ctx, run, slot, offload, hidden, grad_anchor):
         device = hidden.device
         ctx.run, ctx.device, ctx.dtype, ctx.slot = run, device, hidden.dtype, slot
         ctx.input_requires_grad = hidden.requires_grad
@@ -180,9 +176,8 @@ class _LayerCheckpoint(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         ctx.offloaded, ctx.fetched, ctx.below = bool(offload), None, None
-        park = (lambda t, key: t.detach()) if on_device else (lambda t, key: _to_host(t, key, ctx))
         if offload:
-            ctx.hosts = [park(hidden, slot)]
+            ctx.hosts = [_to_host(hidden, slot, ctx)]
             newest = _last_node.get(device)
             newest = newest() if newest is not None else None
             if newest is not None and isinstance(slot, int) and newest.slot == slot - 1:
@@ -192,7 +187,7 @@ class _LayerCheckpoint(torch.autograd.Function):
             ctx.hosts = [hidden.detach()]
 
         def sink(t):
-            ctx.hosts.append(park(t, (slot, len(ctx.hosts))))
+            ctx.hosts.append(_to_host(t, (slot, len(ctx.hosts)), ctx))
 
         with torch.no_grad():
             return run(hidden, ckpt=LayerPass(False, ctx.offloaded, sink))
@@ -218,18 +213,14 @@ class _LayerCheckpoint(torch.autograd.Function):
         if out.requires_grad:
             torch.autograd.backward(out, grad_out)
         ctx.run = ctx.hosts = ctx.fetched = None  # free the closure and the copies (the pool gets the buffers)
-        return None, None, None, None, (hidden.grad if ctx.input_requires_grad else None), None
+        return None, None, None, (hidden.grad if ctx.input_requires_grad else None), None
 
 
-def layer_checkpoint(run, hidden: torch.Tensor, slot, offload: bool, on_device: bool = False) -> torch.Tensor:
+def layer_checkpoint(run, hidden: torch.Tensor, slot, offload: bool) -> torch.Tensor:
     """run(hidden, ckpt=LayerPass(...)), recomputed in the backward; with `offload` (CUDA, or CPU tensors
     under OFFLOAD_CPU_TENSORS) `hidden` and what `run` parks wait in host memory meanwhile. `slot` names
-    the host buffers (one set per layer: its index). `on_device` (with `offload`): the layer parks as an
-    offloaded one does, but keeps what it parks on the GPU: for the last layer, whose backward comes
-    first, right after the loss: its tensors would cross PCIe out and straight back, and the backward
-    would begin by waiting for them."""
+    the host buffers (one set per layer: its index)."""
     # The anchor makes the output require grad when the input does not (frozen embeddings under LoRA),
     # so that the backward runs and the layer's trainable parameters get their gradients.
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    offload = bool(offload) and offload_applies(hidden)
-    return _LayerCheckpoint.apply(run, slot, offload, offload and bool(on_device), hidden, anchor)
+    return _LayerCheckpoint.apply(run, slot, bool(offload) and offload_applies(hidden), hidden, anchor)

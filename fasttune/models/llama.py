@@ -435,8 +435,7 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
         mode = state.gradient_checkpointing or getattr(layer, "gradient_checkpointing", False)
         if checkpointing and mode:
             run = partial(decoder_layer_forward, layer, ctx=ctx, state=state, cache=None, layer_idx=idx)
-            hidden = layer_checkpoint(run, hidden, idx, offload=mode == "offload",
-                                      on_device=idx == len(base.layers) - 1)
+            hidden = layer_checkpoint(run, hidden, idx, offload=mode == "offload")
         else:
             hidden = decoder_layer_forward(layer, hidden, ctx, state, cache, idx)
         if all_hidden is not None:
