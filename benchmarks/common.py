@@ -67,8 +67,8 @@ def slug(name: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout, '+dirty' when the tree has changes; the GPU machine gets a copy of the tree
-    without .git, so there the caller passes it in FASTTUNE_GIT_COMMIT."""
+    """HEAD of the checkout, '+dirty' when the tree has changes; the GPU machine's copy of the tree has no
+    .git or a stale one (the session's starting commit), so there the caller passes it in FASTTUNE_GIT_COMMIT."""
     given = os.environ.get("FASTTUNE_GIT_COMMIT")
     if given:
         return given

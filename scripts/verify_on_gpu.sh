@@ -10,7 +10,8 @@
 set -uo pipefail
 OUT="${OUT:?OUT must name the output folder}"
 source scripts/device_setup.sh || exit 1
-export FASTTUNE_GIT_COMMIT="${FASTTUNE_GIT_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
+# The device's copy of the tree has a stale .git (its HEAD is not the local one): the caller passes the commit.
+export FASTTUNE_GIT_COMMIT="${FASTTUNE_GIT_COMMIT:-unknown (pass FASTTUNE_GIT_COMMIT from the local checkout)}"
 
 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}
