@@ -111,14 +111,21 @@ def test_parking_up_proj_output_skips_its_recompute(tiny_model_dir, offload_on_c
     monkeypatch.setenv("FASTTUNE_PARK_MLP_UP", "1")
     model = _model(model_dir, "unsloth")
     assert fast_state(model).park_mlp_up
-    phantoms = []
-    original = functions._phantom
+    phantoms, weights_read = [], []
+    original, original_dense = functions._phantom, functions.dense_weight
     monkeypatch.setattr(functions, "_phantom", lambda *a: phantoms.append(a[1]) or original(*a))
+    monkeypatch.setattr(functions, "dense_weight", lambda w, d: weights_read.append(w) or original_dense(w, d))
     got_loss, got = _run(model, batch)
     cfg = model.config
     assert offload_on_cpu == [slot for i in range(cfg.num_hidden_layers) for slot in (i, (i, 1), (i, 2))]
-    # per layer: o_proj, up_proj (parked) and down_proj skip their base matmul in the recompute
-    assert sorted(phantoms) == sorted([cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size] * cfg.num_hidden_layers)
+    # per layer: o_proj and down_proj skip their base matmul in the recompute...
+    assert sorted(phantoms) == sorted([cfg.hidden_size, cfg.hidden_size] * cfg.num_hidden_layers)
+    # ...and up_proj (parked) runs no matmul of its own there: its weight is read by the forward and the
+    # backward only, gate_proj's by the recompute as well
+    for layer in model.base_model.model.model.layers:
+        mlp = layer.mlp
+        reads = [sum(w is m.base_layer.weight for w in weights_read) for m in (mlp.gate_proj, mlp.up_proj)]
+        assert reads == [3, 2]
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
     assert got.keys() == want.keys() and got
     assert_same_grads(got, want)

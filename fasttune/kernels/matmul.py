@@ -43,16 +43,16 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: 
             a, b = a.to(out.dtype), b.to(out.dtype)
     if accumulate:
         torch.addmm(out, a, b, alpha=alpha, out=out, **kw)
+    elif alpha != 1.0:  # beta=0: out's old contents (garbage, NaN) are ignored, alpha scales the fp32 sums
+        torch.addmm(out, a, b, beta=0, alpha=alpha, out=out, **kw)
     else:
         torch.mm(a, b, out=out, **kw)
-        if alpha != 1.0:
-            out.mul_(alpha)
 
 
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b as a new fp32 tensor (see mm_into)."""
+def mm_f32(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """alpha * a @ b as a new fp32 tensor (see mm_into)."""
     out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=torch.float32)
-    mm_into(out, a, b, accumulate=False)
+    mm_into(out, a, b, accumulate=False, alpha=alpha)
     return out
 
 

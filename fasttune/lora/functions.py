@@ -12,6 +12,12 @@ Saved for backward: x and the (N, r) term x A^T. W is never saved as an activati
 frozen parameter that outlives the step, and a quantized W is dequantized again in backward (the
 dense copy lives only inside one matmul). A and B are small and are saved as they are.
 
+Order of the products. The rank-r term s (x A^T) B^T is written first and the base GEMM adds onto it in
+its epilogue (beta = 1): the (N, out) output is written once and read once inside a compute-bound GEMM,
+instead of being read and rewritten by a memory-bound rank-r product afterwards, and the sum rounds once.
+The backward's dx the same way. Projections of one input take x A^T from one GEMM over their adapters
+stacked, and their dx's rank-r terms from one GEMM over [s dy_1 B_1 | s dy_2 B_2 | ...] and the stacked A.
+
 `lora_qkv` runs three projections of one input (q, k, v) as one autograd node: x is saved once and
 dx accumulates the three contributions in one buffer.
 
@@ -35,12 +41,14 @@ is applied in fp32 after the product, so it adds no rounding.
 `output=False` (lora_o, lora_mlp) is for a recompute under checkpointing, when the result only feeds a
 residual add and nobody reads its value: the last projection's base matmul (and its dequantization) is
 skipped and the returned tensor holds zeros, while the backward is exactly the normal one (it never needs
-the output). For Llama-8B that is a third of the recompute's GEMM work (o_proj and down_proj).
+the output). For Llama-8B that is a third of the recompute's GEMM work (o_proj and down_proj). lora_mlp's
+recompute also leaves out the activation and h A_down^T: its backward's activation pass writes h anyway.
 
 The base weight is a Tensor, or any object with `.shape` (out, in) and `.dequantize(dtype=None)`
 returning the dense (out, in) Tensor (see `is_quant_weight`). An object that also has
-`.linear(x2, dtype)` computes the forward's base term x W^T itself (FP8 weights: a scaled fp8 matmul);
-the backward's dx still goes through `.dequantize`.
+`.linear(x2, dtype, fallback=False)` may compute the forward's base term x W^T with a kernel of its own
+(FP8 weights: a scaled fp8 matmul; NF4: the decode GEMV), returning None where it has none; the
+backward's dx still goes through `.dequantize`.
 """
 
 from __future__ import annotations
@@ -125,50 +133,80 @@ def _phantom(x2: torch.Tensor, out_features: int, dtype) -> torch.Tensor:
     return torch.zeros((), dtype=dtype, device=x2.device).expand(x2.shape[0], out_features)
 
 
-def _proj_forward(x2, proj, dtype, output: bool = True):
-    """y = x W^T + s (x A^T) B^T for 2-D x in `dtype`. Returns (y, x A^T or None); with
-    `output=False` y is a phantom (zeros) and only x A^T (what the backward needs) is computed."""
+def _adapter_inputs(x2, projs, dtype) -> list:
+    """x A^T of each projection (None where it has no adapter), in `dtype`, from one GEMM over the adapters
+    stacked (x is read once): column views of one (N, sum of ranks) product."""
+    As = [p[1] for p in projs if p[1] is not None]
+    if not As:
+        return [None] * len(projs)
+    stacked = As[0].to(dtype) if len(As) == 1 else torch.cat(As).to(dtype)
+    xa = torch.mm(x2, stacked.t())
+    views, col = [], 0
+    for p in projs:
+        r = 0 if p[1] is None else p[1].shape[0]
+        views.append(None if p[1] is None else xa[:, col : col + r])
+        col += r
+    return views
+
+
+def _proj_forward(x2, proj, dtype, xa, output: bool = True) -> torch.Tensor:
+    """y = x W^T + s (x A^T) B^T for 2-D x in `dtype`, xa = x A^T (None without an adapter). With
+    `output=False` y is a phantom (zeros): nothing is computed."""
     weight, A, B, s = proj
     if not output:
-        return _phantom(x2, weight.shape[0], dtype), None if A is None else torch.mm(x2, A.to(dtype).t())
+        return _phantom(x2, weight.shape[0], dtype)
+    own = None
     if not isinstance(weight, torch.Tensor) and callable(getattr(weight, "linear", None)):
-        y = weight.linear(x2, dtype)  # the format's own matmul (e.g. FP8's scaled matmul), forward only
-    else:
-        y = torch.mm(x2, dense_weight(weight, dtype).t())
+        own = weight.linear(x2, dtype, fallback=False)  # the format's own kernel (FP8's scaled matmul)
+    if own is not None:
+        if A is not None:
+            own.addmm_(xa, B.to(dtype).t(), alpha=s)
+        return own
+    w = dense_weight(weight, dtype)  # a quantized W is dequantized into a temporary, freed on return
     if A is None:
-        return y, None
-    xa = torch.mm(x2, A.to(dtype).t())
-    # In place: the adapter term is added inside the GEMM (one rounding, no (N, out) temp).
-    y.addmm_(xa, B.to(dtype).t(), alpha=s)
-    return y, xa
+        return torch.mm(x2, w.t())
+    # The rank-r term first, written once; the base GEMM then adds onto it in its epilogue (beta = 1):
+    # the sum rounds once, and no (N, out) result is read back and rewritten for the small product.
+    y = torch.empty(x2.shape[0], w.shape[0], device=x2.device, dtype=dtype)
+    mm_into(y, xa, B.to(dtype).t(), accumulate=False, alpha=s)
+    return y.addmm_(x2, w.t())
 
 
-def _proj_backward(dy, inp, inp_a, proj, dtype, need, dinp=None, acc_dtype=None):
-    """Gradients of one projection proj = (W, A, B, s): dy (N, out) and inp (N, in) in
-    `dtype`, inp_a = inp A^T, need = (dinp, dA, dB) flags. dy W + s (dy B) A is added
-    into `dinp` (or starts it, in `acc_dtype`, default `dtype`: projections that share an
-    input sum their dX terms in fp32, kernels.matmul). Returns (dinp, dA, dB)."""
-    weight, A, B, s = proj
-    need_dinp, need_dA, need_dB = need
-    dA = dB = None
-    if need_dinp:
-        w = dense_weight(weight, dtype)  # dequantized again; freed on return
-        if dinp is None:
-            dinp = torch.empty(dy.shape[0], w.shape[1], device=dy.device, dtype=acc_dtype or dtype)
-            mm_into(dinp, dy, w, accumulate=False)
-        else:
-            mm_into(dinp, dy, w, accumulate=True)
-        del w
-    if A is not None and (need_dinp or need_dA):
-        dyB = torch.mm(dy, B.to(dtype))  # (N, r)
-        if need_dinp:
-            mm_into(dinp, dyB, A.to(dtype), accumulate=True, alpha=s)
-        if need_dA:
-            # Scaling after the product, in fp32: no extra rounding of dy or dyB.
-            dA = mm_f32(dyB.t(), inp).mul_(s).to(A.dtype)
-    if B is not None and need_dB:
-        dB = mm_f32(dy.t(), inp_a).mul_(s).to(B.dtype)
-    return dinp, dA, dB
+def _scaled_dyB(dy, proj, dtype, wanted: bool) -> torch.Tensor | None:
+    """s dy B (N, r) in `dtype`, the scaling applied to the fp32 sums; None without an adapter or when not
+    `wanted`. It feeds both dx (times A) and dA."""
+    _, A, B, s = proj
+    if A is None or not wanted:
+        return None
+    out = torch.empty(dy.shape[0], B.shape[1], device=dy.device, dtype=dtype)
+    mm_into(out, dy, B.to(dtype), accumulate=False, alpha=s)
+    return out
+
+
+def _input_grad(dys, dyBs, projs, dtype, acc_dtype) -> torch.Tensor:
+    """dx = sum_i dy_i W_i + (s_i dy_i B_i) A_i over projections of one input, in `acc_dtype` (fp32 where
+    several terms meet: kernels.matmul). The rank-r terms go first, as one GEMM over the adapters stacked,
+    and write dx; each base GEMM then adds onto it in its epilogue (W dequantized again, freed after)."""
+    terms = [(dyB, p[1]) for dyB, p in zip(dyBs, projs) if dyB is not None]
+    dx = torch.empty(dys[0].shape[0], projs[0][0].shape[1], device=dys[0].device, dtype=acc_dtype)
+    started = bool(terms)
+    if terms:
+        lhs = terms[0][0] if len(terms) == 1 else torch.cat([t for t, _ in terms], dim=1)
+        rhs = terms[0][1].to(dtype) if len(terms) == 1 else torch.cat([A for _, A in terms]).to(dtype)
+        mm_into(dx, lhs, rhs, accumulate=False)
+    for dy, proj in zip(dys, projs):
+        mm_into(dx, dy, dense_weight(proj[0], dtype), accumulate=started)
+        started = True
+    return dx
+
+
+def _adapter_grads(dy, dyB, inp, inp_a, proj, need_A: bool, need_B: bool):
+    """(dA, dB) = ((s dy B)^T inp, s dy^T (inp A^T)) in the adapters' dtypes, from fp32 products; dyB carries
+    s already (_scaled_dyB), dB gets it on the fp32 sums."""
+    _, A, B, s = proj
+    dA = mm_f32(dyB.t(), inp).to(A.dtype) if need_A else None
+    dB = mm_f32(dy.t(), inp_a, alpha=s).to(B.dtype) if need_B else None
+    return dA, dB
 
 
 def _check_projection(name: str, proj, in_features: int):
@@ -234,11 +272,9 @@ class _SharedInputProjections(torch.autograd.Function):
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            outs, xas = [], []
-            for proj in projs:
-                y, xa = _proj_forward(x2, proj, dtype, output)
-                outs.append(y.view(*lead, y.shape[-1]))
-                xas.append(xa)
+            xas = _adapter_inputs(x2, projs, dtype)
+            outs = [_proj_forward(x2, p, dtype, xa, output) for p, xa in zip(projs, xas)]
+            outs = [y.view(*lead, y.shape[-1]) for y in outs]
         # x feeds only dA, and x A^T only dB: save what the wanted gradients need.
         ctx.save_for_backward(
             x2 if any(nA for nA, _ in needs) else None,
@@ -260,18 +296,19 @@ class _SharedInputProjections(torch.autograd.Function):
         x2, *rest = ctx.saved_tensors
         xas, adapters = rest[:n], rest[n:]
         need_dx = ctx.needs_input_grad[0]
-        dx, grads = None, []
-        acc = fp32_accumulator(dtype, dys[0].device) if n > 1 else dtype
+        needs = _needs(ctx, 3, n)
+        projs = [(w, adapters[2 * i], adapters[2 * i + 1], s)
+                 for i, (w, s) in enumerate(zip(ctx.weights, ctx.scalings))]
+        grads = []
         with torch.autocast(dys[0].device.type, enabled=False):
-            for i, (nA, nB) in enumerate(_needs(ctx, 3, n)):
-                A, B = adapters[2 * i], adapters[2 * i + 1]
-                proj = (ctx.weights[i], A, B, ctx.scalings[i])
-                dy = dys[i].reshape(-1, dys[i].shape[-1]).to(dtype)
-                need = (need_dx, nA, nB)
-                dx, dA, dB = _proj_backward(dy, x2, xas[i], proj, dtype, need, dx, acc)
-                grads += [None, dA, dB, None]
-        if dx is not None:
-            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+            dys = [d.reshape(-1, d.shape[-1]).to(dtype) for d in dys]
+            dyBs = [_scaled_dyB(dy, p, dtype, need_dx or nA) for dy, p, (nA, _) in zip(dys, projs, needs)]
+            dx = None
+            if need_dx:
+                acc = fp32_accumulator(dtype, dys[0].device) if n > 1 else dtype
+                dx = _input_grad(dys, dyBs, projs, dtype, acc).view(ctx.x_shape).to(ctx.x_dtype)
+            for dy, dyB, xa, p, (nA, nB) in zip(dys, dyBs, xas, projs, needs):
+                grads += [None, *_adapter_grads(dy, dyB, x2, xa, p, nA, nB), None]
         return (dx, None, None, *grads)
 
 
@@ -365,16 +402,21 @@ class _LoRAMLP(torch.autograd.Function):
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            g2, xa_g = _proj_forward(x2, gate, dtype)
+            xa_g, xa_u = _adapter_inputs(x2, (gate, up), dtype)
+            g2 = _proj_forward(x2, gate, dtype, xa_g)
             if up_value is None:
-                u2, xa_u = _proj_forward(x2, up, dtype)
-            else:  # the forward's value, kept: only x A_up^T (for dB_up) is computed
-                u2, xa_u = up_value.reshape(g2.shape).to(dtype), _proj_forward(x2, up, dtype, False)[1]
+                u2 = _proj_forward(x2, up, dtype, xa_u)
+            else:  # the forward's value, kept: up's matmuls are skipped (x A_up^T, for dB_up, is above)
+                u2 = up_value.reshape(g2.shape).to(dtype)
             if up_sink is not None:
                 up_sink(u2)
-            h = _glu_forward(g2, u2, kind)
-            out, ha_d = _proj_forward(h, down, dtype, output)
-        del h  # recomputed in backward from g and u
+            if output:
+                h = _glu_forward(g2, u2, kind)
+                (ha_d,) = _adapter_inputs(h, (down,), dtype)
+                out = _proj_forward(h, down, dtype, ha_d)
+                del h  # recomputed in backward from g and u
+            else:  # a recompute: the backward's GLU pass writes h anyway, and h A_down^T is taken there
+                ha_d, out = None, _phantom(x2, down[0].shape[0], dtype)
         ctx.save_for_backward(
             x2 if (nA_g or nA_u) else None,
             g2,
@@ -409,28 +451,31 @@ class _LoRAMLP(torch.autograd.Function):
         dx = dAg = dBg = dAu = dBu = dAd = None
         with torch.autocast(dout.device.type, enabled=False):
             dy = dout.reshape(-1, dout.shape[-1]).to(dtype)
-            dh, _, dBd = _proj_backward(dy, None, ha_d, down, dtype, (need_dh, False, nB_d))
+            dyB_d = _scaled_dyB(dy, down, dtype, need_dh or nA_d)
             if need_dh:
-                # One pass gives dg, du and h (for dA_down): h over dh, and in a checkpoint recompute
-                # (g2 and u2 private to this backward) dg and du over g2 and u2: no (N, inter) buffer is new.
+                # One pass gives dg, du and h (for down's adapter gradients): h over dh, and in a checkpoint
+                # recompute (g2 and u2 private to this backward) dg and du over g2 and u2: no (N, inter)
+                # buffer is new.
+                dh = _input_grad([dy], [dyB_d], [down], dtype, dtype)
                 dg, du, h = _glu_backward(dh, g2, u2, kind, in_place=ctx.private_saved)
                 del dh
             else:
                 dg = du = None
-                h = _glu_forward(g2, u2, kind) if nA_d else None
+                h = _glu_forward(g2, u2, kind) if nA_d or (nB_d and ha_d is None) else None
             del g2, u2
-            if nA_d:  # dA_down = s (dy B)^T h
-                _, dAd, _ = _proj_backward(dy, h, None, down, dtype, (False, True, False))
+            if nB_d and ha_d is None:  # a recompute left h A_down^T to this pass
+                (ha_d,) = _adapter_inputs(h, (down,), dtype)
+            dAd, dBd = _adapter_grads(dy, dyB_d, h, ha_d, down, nA_d, nB_d)
             del h
             if need_dh:
-                need = (need_dx, nA_g, nB_g)
-                acc = fp32_accumulator(dtype, dg.device)  # gate and up both feed dX
-                dx, dAg, dBg = _proj_backward(dg, x2, xa_g, gate, dtype, need, None, acc)
-                del dg
-                need = (need_dx, nA_u, nB_u)
-                dx, dAu, dBu = _proj_backward(du, x2, xa_u, up, dtype, need, dx)
-        if dx is not None:
-            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+                dyB_g = _scaled_dyB(dg, gate, dtype, need_dx or nA_g)
+                dyB_u = _scaled_dyB(du, up, dtype, need_dx or nA_u)
+                if need_dx:
+                    acc = fp32_accumulator(dtype, dg.device)  # gate and up both feed dX
+                    dx = _input_grad([dg, du], [dyB_g, dyB_u], [gate, up], dtype, acc)
+                    dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+                dAg, dBg = _adapter_grads(dg, dyB_g, x2, xa_g, gate, nA_g, nB_g)
+                dAu, dBu = _adapter_grads(du, dyB_u, x2, xa_u, up, nA_u, nB_u)
         grads = [None, dAg, dBg, None, None, dAu, dBu, None, None, dAd, dBd, None]
         return (dx, None, None, None, None, None, *grads)
 

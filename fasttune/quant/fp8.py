@@ -121,10 +121,10 @@ class FP8Tensor(QuantizedWeight):
         return dequantize_fp8(self, dtype)
 
     def linear(
-        self, x2: torch.Tensor, out_dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
+        self, x2: torch.Tensor, out_dtype: torch.dtype | None = None, *, fallback: bool = True
+    ) -> torch.Tensor | None:
         """x2 (M, in) @ W^T -> (M, out) in `out_dtype` (default x2's): through torch._scaled_mm where
-        `scaled_mm_applies`, else through the dequantized weight."""
+        `scaled_mm_applies`, else through the dequantized weight (or None with `fallback=False`)."""
         out_dtype = out_dtype or x2.dtype
         if scaled_mm_applies(x2, self, out_dtype):
             key = (x2.device.index, out_dtype)
@@ -139,7 +139,7 @@ class FP8Tensor(QuantizedWeight):
                         "dequantized for the forward instead (slower, same weights)",
                         stacklevel=2,
                     )
-        return torch.mm(x2.to(out_dtype), self.dequantize(out_dtype).t())
+        return torch.mm(x2.to(out_dtype), self.dequantize(out_dtype).t()) if fallback else None
 
 
 def _check_weight(w: torch.Tensor, granularity: str) -> None:

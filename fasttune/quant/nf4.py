@@ -279,15 +279,18 @@ class NF4Tensor(QuantizedWeight):
         absmax = self.absmax.contiguous()
         return absmax, absmax, absmax, 0.0
 
-    def linear(self, x2: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def linear(
+        self, x2: torch.Tensor, out_dtype: torch.dtype | None = None, *, fallback: bool = True
+    ) -> torch.Tensor | None:
         """x2 (M, in) @ W^T -> (M, out) in `out_dtype` (default x2's): the 4-bit GEMV that reads the packed
-        codes, for a few rows on CUDA (decode), else the product with the dequantized weight."""
+        codes, for a few rows on CUDA (decode), else the product with the dequantized weight (or None with
+        `fallback=False`: the caller dequantizes itself)."""
         from .nf4_gemv import nf4_gemv, use_nf4_gemv  # that module builds on this one
 
         out_dtype = out_dtype or x2.dtype
         if use_nf4_gemv(x2, self):
             return nf4_gemv(x2, self, out_dtype)
-        return torch.mm(x2.to(out_dtype), self.dequantize(out_dtype).t())
+        return torch.mm(x2.to(out_dtype), self.dequantize(out_dtype).t()) if fallback else None
 
     def __repr__(self) -> str:
         dq = f", double_quant(offset={self.offset:.6g})" if self.double_quant else ""

@@ -297,9 +297,11 @@ def test_scaled_mm_rowwise_computes_the_scaled_product():
     )
 
 
-def test_lora_forward_uses_linear_and_backward_dequantize():
+@pytest.mark.parametrize("own_kernel", [True, False])
+def test_lora_forward_uses_linear_and_backward_dequantize(own_kernel):
     class Marked:
-        """A weight whose `linear` adds 1: the forward must show it, dx must not."""
+        """A weight whose own kernel adds 1 (the forward must show it, dx must not); without one
+        (`linear(..., fallback=False)` gives None) the forward goes through `dequantize`."""
 
         def __init__(self, w):
             self.w, self.shape = w, w.shape
@@ -307,16 +309,17 @@ def test_lora_forward_uses_linear_and_backward_dequantize():
         def dequantize(self, dtype=None):
             return self.w.to(dtype or self.w.dtype)
 
-        def linear(self, x2, dtype):
-            return x2.to(dtype) @ self.w.to(dtype).t() + 1
+        def linear(self, x2, dtype, fallback=True):
+            return x2.to(dtype) @ self.w.to(dtype).t() + 1 if own_kernel else None
 
     w = torch.randn(6, 8)
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
     x = torch.randn(3, 8, requires_grad=True)
-    y = lora_linear(x, Marked(w))
-    torch.testing.assert_close(y, x.detach() @ w.t() + 1)
+    y = lora_linear(x, Marked(w), A, B, 0.5)
+    torch.testing.assert_close(y, x.detach() @ w.t() + 0.5 * (x.detach() @ A.t()) @ B.t() + float(own_kernel))
     dy = torch.randn_like(y)
     y.backward(dy)
-    torch.testing.assert_close(x.grad, dy @ w)
+    torch.testing.assert_close(x.grad, dy @ w + 0.5 * (dy @ B) @ A)
 
 
 # --------------------------------------------------------------------------------------------
