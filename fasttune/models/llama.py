@@ -431,11 +431,13 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
     checkpointing = base.training and torch.is_grad_enabled() and cache is None
     hidden = inputs_embeds
     all_hidden = [hidden] if output_hidden_states else None
+    top = len(base.layers) - 1
     for idx, layer in enumerate(base.layers):
         mode = state.gradient_checkpointing or getattr(layer, "gradient_checkpointing", False)
         if checkpointing and mode:
             run = partial(decoder_layer_forward, layer, ctx=ctx, state=state, cache=None, layer_idx=idx)
-            hidden = layer_checkpoint(run, hidden, idx, offload=mode == "offload")
+            # the top layer's backward comes first: its input stays on the GPU (memory/offload.py)
+            hidden = layer_checkpoint(run, hidden, idx, offload=mode == "offload" and idx < top)
         else:
             hidden = decoder_layer_forward(layer, hidden, ctx, state, cache, idx)
         if all_hidden is not None:
