@@ -2,7 +2,7 @@
 """Where a training step's time goes: torch.profiler over a few steps of train.py's loop, per stack.
 
     python3 benchmarks/profile_train.py --stack fasttune --stack hf [--model llama-1b] [--quant 4bit] [--seq 2048] [--batch 2]
-        [--shapes] [--host] [--python]
+        [--shapes] [--host] [--python] [--phases]
 
 Prints, per stack, the mean step time and the top kernels by device time and top operators by host
 time, so that a gap between two stacks can be pinned to the operators that cause it. A diagnostic,
@@ -37,15 +37,27 @@ def profile(stack: str, args) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
 
-    def step(i, hold=None):
+    phases = []
+
+    def step(i, hold=None, timed=False):
         ids = data[i * args.batch:(i + 1) * args.batch].cuda()
         if hold:
             torch.cuda._sleep(hold)
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if timed else None
+        if timed:
+            marks[0].record()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
+        if timed:
+            marks[1].record()
+            side = _offload_stream()  # fasttune's copies to the host: the event waits behind the forward's
+            marks[2].record(side) if side is not None else marks[2].record()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if timed:
+            marks[3].record()
+            phases.append(marks)
 
     for i in range(args.warmup):
         step(i)
@@ -54,7 +66,15 @@ def profile(stack: str, args) -> None:
         host_time(step, args, stack)
     if args.python:
         python_profile(step, args)
-    if args.host or args.python:
+    if args.phases:
+        for i in range(args.steps):
+            step(args.warmup + i, timed=True)
+        torch.cuda.synchronize()
+        for name, a, b in (("forward + loss", 0, 1), ("forward's copies to the host done", 0, 2),
+                           ("backward + optimizer", 1, 3), ("step", 0, 3)):
+            times = [m[a].elapsed_time(m[b]) for m in phases]
+            print(f"{name}: {', '.join(f'{t:.1f}' for t in times)} ms")
+    if args.host or args.python or args.phases:
         return
     t0 = time.perf_counter()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -70,6 +90,12 @@ def profile(stack: str, args) -> None:
         by_shape = prof.key_averages(group_by_input_shape=True)
         print(by_shape.table(sort_by="device_time_total", row_limit=args.rows * 2, max_name_column_width=40,
                              max_shapes_column_width=90))
+
+
+def _offload_stream():
+    """The side stream of fasttune's offloaded checkpointing, once it exists (None for other stacks)."""
+    offload = sys.modules.get("fasttune.memory.offload")
+    return next(iter(offload._streams.values()), None) if offload is not None else None
 
 
 def host_time(step, args, stack: str) -> None:
@@ -148,6 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", action="store_true", help="also the operators grouped by input shapes")
     p.add_argument("--host", action="store_true", help="only the host's queueing time per step (GPU held)")
     p.add_argument("--python", action="store_true", help="only cProfile's view of the host's Python time")
+    p.add_argument("--phases", action="store_true",
+                   help="only the forward's and the backward's GPU time per step, and when the forward's copies "
+                        "to the host are done (fasttune's offloaded checkpointing)")
     args = p.parse_args(argv)
     stacks.set_offline_env()
     for stack in args.stack:
