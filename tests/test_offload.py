@@ -148,7 +148,20 @@ def test_parking_up_proj_by_default_where_the_matmuls_hide_the_copy(monkeypatch)
     monkeypatch.setenv("FASTTUNE_PARK_MLP_UP", "0")
     assert not parks_mlp_up(llama_8b, 128)
     monkeypatch.setenv("FASTTUNE_PARK_MLP_UP", "1")
-    assert parks_mlp_up(llama_1b, 64)
+    assert parks_mlp_up(llama_1b, 64) == 1.0
+    monkeypatch.setenv("FASTTUNE_PARK_MLP_UP", "0.75")
+    assert parks_mlp_up(llama_1b, 64) == 0.75
+    monkeypatch.setenv("FASTTUNE_PARK_MLP_UP", "1.5")
+    with pytest.raises(ValueError, match="FASTTUNE_PARK_MLP_UP='1.5'"):
+        parks_mlp_up(llama_1b, 64)
+
+
+@pytest.mark.parametrize("share, layers", [(0.0, []), (1.0, list(range(8))), (0.75, [1, 2, 3, 5, 6, 7]),
+                                           (0.5, [1, 3, 5, 7])])
+def test_a_share_of_layers_parks_up_proj_spread_evenly(share, layers):
+    from fasttune.models.llama import parks_up_in_layer
+
+    assert [i for i in range(8) if parks_up_in_layer(share, i)] == layers
 
 
 def test_offloaded_checkpointing_refuses_autograd_grad(tiny_model_dir, offload_on_cpu):

@@ -14,6 +14,7 @@ applies the mask is dropped and SDPA runs its causal fast path.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -80,7 +81,7 @@ class FastState:
     final_softcap: float | None = None
     embed_scale: float | None = None  # applied here only when the embedding module does not
     gradient_checkpointing: bool | str = False  # False, "recompute" or "offload" (memory/checkpointing.py)
-    park_mlp_up: bool = False  # offloaded checkpointing also parks up_proj's output (parks_mlp_up)
+    park_mlp_up: float = 0.0  # the share of layers whose up_proj output offloaded checkpointing parks (parks_mlp_up)
     _on_device: dict = field(default_factory=dict)
 
     def inv_freq_on(self, key, device: torch.device) -> torch.Tensor:
@@ -116,19 +117,34 @@ def _layer_rope_keys(config) -> list:
 PARK_MLP_UP_MIN_FLOPS_PER_BYTE = 8000
 
 
-def parks_mlp_up(config, head_dim: int) -> bool:
-    """Whether offloaded checkpointing parks up_proj's output too (FASTTUNE_PARK_MLP_UP=1/0 decides; by
-    default, when the layer's forward GEMM FLOPs per token over the bytes per token it would then park, its
-    input, its mid-layer residual and up's output, reach PARK_MLP_UP_MIN_FLOPS_PER_BYTE)."""
+def parks_mlp_up(config, head_dim: int) -> float:
+    """The share of layers (0 to 1, spread evenly: parks_up_in_layer) where offloaded checkpointing parks
+    up_proj's output too. FASTTUNE_PARK_MLP_UP decides (0, 1 or a share between); by default all layers
+    when a layer's forward GEMM FLOPs per token over the bytes per token it would then park, its input, its
+    mid-layer residual and up's output, reach PARK_MLP_UP_MIN_FLOPS_PER_BYTE, else none."""
     env = os.environ.get("FASTTUNE_PARK_MLP_UP", "auto")
     if env not in ("auto", ""):
-        return env not in ("0", "false", "False")
+        if env.lower() in ("false", "true"):
+            return float(env.lower() == "true")
+        try:
+            share = float(env)
+        except ValueError:
+            share = -1.0
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"FASTTUNE_PARK_MLP_UP={env!r}: give 0, 1 or a share of the layers between them")
+        return share
     h, inter = config.hidden_size, config.intermediate_size
     q = config.num_attention_heads * head_dim
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     flops = 2 * h * (2 * q + 2 * kv * head_dim + 3 * inter)  # q and o, k and v, gate, up and down
     parked = 2 * (2 * h + inter)  # 16-bit
-    return flops >= PARK_MLP_UP_MIN_FLOPS_PER_BYTE * parked
+    return float(flops >= PARK_MLP_UP_MIN_FLOPS_PER_BYTE * parked)
+
+
+def parks_up_in_layer(share: float, layer_idx: int) -> bool:
+    """Whether layer `layer_idx` is one of the `share` of layers that park up_proj's output, spread evenly
+    (0.75: three layers of every four)."""
+    return math.floor((layer_idx + 1) * share) > math.floor(layer_idx * share)
 
 
 def build_state(config, spec: FamilySpec, embed_tokens=None) -> FastState:
@@ -340,13 +356,14 @@ def attention_forward(attn, x, ctx: ForwardContext, state: FastState, cache, lay
     return lora_o(out, o[0], output) if o is not None else attn.o_proj(out)
 
 
-def mlp_forward(mlp, x, ctx: ForwardContext, state: FastState, output: bool = True, ckpt: LayerPass | None = None):
+def mlp_forward(mlp, x, ctx: ForwardContext, state: FastState, output: bool = True, ckpt: LayerPass | None = None,
+                park_up: bool = False):
     """The gated MLP; output=False as for attention_forward (down_proj's base matmul). Under offloaded
-    checkpointing, where it pays (parks_mlp_up), the forward parks up_proj's output and the recompute takes
-    it back instead of recomputing it (memory/offload.py)."""
+    checkpointing, with `park_up` (where it pays: parks_mlp_up), the forward parks up_proj's output and the
+    recompute takes it back instead of recomputing it (memory/offload.py)."""
     projs = _fusable(ctx, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if projs is not None:
-        if ckpt is not None and ckpt.parks and state.park_mlp_up:
+        if ckpt is not None and ckpt.parks and park_up:
             if ckpt.recompute:
                 return lora_mlp(x, *projs, state.activation, output, up_value=ckpt.parked())
             return lora_mlp(x, *projs, state.activation, output, up_sink=ckpt.park)
@@ -367,11 +384,12 @@ def decoder_layer_forward(layer, x, ctx: ForwardContext, state: FastState, cache
                               output=not (recompute and ckpt.parks))
         x = residual_add(x, h, ckpt)
         return x + mlp_forward(layer.mlp, norm(x, layer.post_attention_layernorm), ctx, state, output=not recompute,
-                               ckpt=ckpt)
+                               ckpt=ckpt, park_up=parks_up_in_layer(state.park_mlp_up, layer_idx))
     # Gemma 2/3: both blocks' outputs feed norms, whose backward reads them; nothing is skipped.
     h = attention_forward(layer.self_attn, norm(x, layer.input_layernorm), ctx, state, cache, layer_idx)
     x = x + norm(h, layer.post_attention_layernorm)
-    h = mlp_forward(layer.mlp, norm(x, layer.pre_feedforward_layernorm), ctx, state, ckpt=ckpt)
+    h = mlp_forward(layer.mlp, norm(x, layer.pre_feedforward_layernorm), ctx, state, ckpt=ckpt,
+                    park_up=parks_up_in_layer(state.park_mlp_up, layer_idx))
     return x + norm(h, layer.post_feedforward_layernorm)
 
 
