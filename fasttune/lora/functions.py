@@ -33,10 +33,11 @@ on CUDA, the same fp32 math in PyTorch elsewhere):
 
 Dtypes. The compute dtype is x's dtype, or the autocast dtype when autocast is on for x's device.
 x, W (dequantized to that dtype) and A, B (PEFT keeps adapters in fp32) are cast to it for the
-matmuls, as autocast would cast them for F.linear; the output is in the compute dtype. dx comes back
-in x's own dtype, dA and dB in the adapters' own dtype. The r-sized gradient products dA and dB are
-written in fp32 straight from the matmul's accumulator where the backend can (CUDA), and the scaling
-is applied in fp32 after the product, so it adds no rounding.
+matmuls, as autocast would cast them for F.linear (the adapters once per node: the backward uses the
+forward's casts, saved); the output is in the compute dtype. dx comes back in x's own dtype, dA and dB
+in the adapters' own dtype. The r-sized gradient products dA and dB are written in fp32 straight from
+the matmul's accumulator where the backend can (CUDA), and the scaling is applied in fp32 after the
+product, so it adds no rounding.
 
 `output=False` (lora_o, lora_mlp) is for a recompute under checkpointing, when the result only feeds a
 residual add and nobody reads its value: the last projection's base matmul (and its dequantization) is
@@ -133,14 +134,41 @@ def _phantom(x2: torch.Tensor, out_features: int, dtype) -> torch.Tensor:
     return torch.zeros((), dtype=dtype, device=x2.device).expand(x2.shape[0], out_features)
 
 
-def _adapter_inputs(x2, projs, dtype) -> list:
-    """x A^T of each projection (None where it has no adapter), in `dtype`, from one GEMM over the adapters
-    stacked (x is read once): column views of one (N, sum of ranks) product."""
+def _in_dtype(projs, dtype):
+    """The projections with their adapters in `dtype`, and the A's stacked: (projs, stack or None). The A's
+    are cast once, as one stack, and each projection's A is a row block of it; x A^T and dx's rank-r terms
+    take the stack whole. The backward gets the same casts (saved), not new ones."""
     As = [p[1] for p in projs if p[1] is not None]
     if not As:
+        return list(projs), None
+    stack = (As[0] if len(As) == 1 else torch.cat(As)).to(dtype)
+    Bs = [p[2].to(dtype) for p in projs if p[2] is not None]
+    return _with_stack(projs, _ranks(projs), stack, Bs), stack
+
+
+def _ranks(projs) -> list:
+    return [None if p[1] is None else p[1].shape[0] for p in projs]
+
+
+def _with_stack(projs, ranks, stack, Bs) -> list:
+    """(weight, A, B, scaling) of each of `projs` (whose own A and B are not read) with A its row block of
+    `stack` and B the next of `Bs`, where `ranks` gives it an adapter."""
+    out, row, Bs = [], 0, iter(Bs)
+    for (w, _, _, s), r in zip(projs, ranks):
+        if r is None:
+            out.append((w, None, None, s))
+        else:
+            out.append((w, stack[row : row + r], next(Bs), s))
+            row += r
+    return out
+
+
+def _adapter_inputs(x2, projs, stack) -> list:
+    """x A^T of each projection (None where it has no adapter) from one GEMM over the stacked A's (x is read
+    once): column views of one (N, sum of ranks) product."""
+    if stack is None:
         return [None] * len(projs)
-    stacked = As[0].to(dtype) if len(As) == 1 else torch.cat(As).to(dtype)
-    xa = torch.mm(x2, stacked.t())
+    xa = torch.mm(x2, stack.t())
     views, col = [], 0
     for p in projs:
         r = 0 if p[1] is None else p[1].shape[0]
@@ -183,30 +211,29 @@ def _scaled_dyB(dy, proj, dtype, wanted: bool) -> torch.Tensor | None:
     return out
 
 
-def _input_grad(dys, dyBs, projs, dtype, acc_dtype) -> torch.Tensor:
+def _input_grad(dys, dyBs, projs, stack, dtype, acc_dtype) -> torch.Tensor:
     """dx = sum_i dy_i W_i + (s_i dy_i B_i) A_i over projections of one input, in `acc_dtype` (fp32 where
-    several terms meet: kernels.matmul). The rank-r terms go first, as one GEMM over the adapters stacked,
-    and write dx; each base GEMM then adds onto it in its epilogue (W dequantized again, freed after)."""
-    terms = [(dyB, p[1]) for dyB, p in zip(dyBs, projs) if dyB is not None]
+    several terms meet: kernels.matmul). The rank-r terms go first, as one GEMM over the stacked A's, and
+    write dx; each base GEMM then adds onto it in its epilogue (W dequantized again, freed after)."""
     dx = torch.empty(dys[0].shape[0], projs[0][0].shape[1], device=dys[0].device, dtype=acc_dtype)
-    started = bool(terms)
-    if terms:
-        lhs = terms[0][0] if len(terms) == 1 else torch.cat([t for t, _ in terms], dim=1)
-        rhs = terms[0][1].to(dtype) if len(terms) == 1 else torch.cat([A for _, A in terms]).to(dtype)
-        mm_into(dx, lhs, rhs, accumulate=False)
-    for dy, proj in zip(dys, projs):
-        mm_into(dx, dy, dense_weight(proj[0], dtype), accumulate=started)
-        started = True
+    if stack is not None:
+        terms = [t for t in dyBs if t is not None]
+        mm_into(dx, terms[0] if len(terms) == 1 else torch.cat(terms, dim=1), stack, accumulate=False)
+    for i, (dy, proj) in enumerate(zip(dys, projs)):
+        mm_into(dx, dy, dense_weight(proj[0], dtype), accumulate=stack is not None or i > 0)
     return dx
 
 
-def _adapter_grads(dy, dyB, inp, inp_a, proj, need_A: bool, need_B: bool):
-    """(dA, dB) = ((s dy B)^T inp, s dy^T (inp A^T)) in the adapters' dtypes, from fp32 products; dyB carries
-    s already (_scaled_dyB), dB gets it on the fp32 sums."""
-    _, A, B, s = proj
-    dA = mm_f32(dyB.t(), inp).to(A.dtype) if need_A else None
-    dB = mm_f32(dy.t(), inp_a, alpha=s).to(B.dtype) if need_B else None
+def _adapter_grads(dy, dyB, inp, inp_a, s, dtypes, need_A: bool, need_B: bool):
+    """(dA, dB) = ((s dy B)^T inp, s dy^T (inp A^T)) in `dtypes` (the adapters' own), from fp32 products;
+    dyB carries s already (_scaled_dyB), dB gets it on the fp32 sums."""
+    dA = mm_f32(dyB.t(), inp).to(dtypes[0]) if need_A else None
+    dB = mm_f32(dy.t(), inp_a, alpha=s).to(dtypes[1]) if need_B else None
     return dA, dB
+
+
+def _adapter_dtypes(projs) -> list:
+    return [None if p[1] is None else (p[1].dtype, p[2].dtype) for p in projs]
 
 
 def _check_projection(name: str, proj, in_features: int):
@@ -270,22 +297,24 @@ class _SharedInputProjections(torch.autograd.Function):
         projs = _split(flat)
         needs = _needs(ctx, 3, len(projs))
         lead = x.shape[:-1]
+        ctx.grad_dtypes, ctx.ranks = _adapter_dtypes(projs), _ranks(projs)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            xas = _adapter_inputs(x2, projs, dtype)
+            projs, stack = _in_dtype(projs, dtype)
+            xas = _adapter_inputs(x2, projs, stack)
             outs = [_proj_forward(x2, p, dtype, xa, output) for p, xa in zip(projs, xas)]
             outs = [y.view(*lead, y.shape[-1]) for y in outs]
         # x feeds only dA, and x A^T only dB: save what the wanted gradients need.
         ctx.save_for_backward(
             x2 if any(nA for nA, _ in needs) else None,
             *[xa if nB else None for xa, (_, nB) in zip(xas, needs)],
-            *[t for p in projs for t in p[1:3]],
+            stack,
+            *[p[2] for p in projs if p[2] is not None],
         )
         # Base weights ride on ctx, not through save_for_backward: they are frozen
         # parameters (or quantized objects) that outlive the step, and saved-tensor hooks
         # (offloading, checkpointing) must not copy or park them as activations.
-        ctx.weights = [p[0] for p in projs]
-        ctx.scalings = [p[3] for p in projs]
+        ctx.projs = [(p[0], None, None, p[3]) for p in projs]
         ctx.dtype, ctx.x_shape, ctx.x_dtype = dtype, x.shape, x.dtype
         return tuple(outs)
 
@@ -294,11 +323,10 @@ class _SharedInputProjections(torch.autograd.Function):
     def backward(ctx, *dys):
         n, dtype = len(dys), ctx.dtype
         x2, *rest = ctx.saved_tensors
-        xas, adapters = rest[:n], rest[n:]
+        xas, stack, Bs = rest[:n], rest[n], rest[n + 1 :]
         need_dx = ctx.needs_input_grad[0]
         needs = _needs(ctx, 3, n)
-        projs = [(w, adapters[2 * i], adapters[2 * i + 1], s)
-                 for i, (w, s) in enumerate(zip(ctx.weights, ctx.scalings))]
+        projs = _with_stack(ctx.projs, ctx.ranks, stack, Bs)
         grads = []
         with torch.autocast(dys[0].device.type, enabled=False):
             dys = [d.reshape(-1, d.shape[-1]).to(dtype) for d in dys]
@@ -306,9 +334,9 @@ class _SharedInputProjections(torch.autograd.Function):
             dx = None
             if need_dx:
                 acc = fp32_accumulator(dtype, dys[0].device) if n > 1 else dtype
-                dx = _input_grad(dys, dyBs, projs, dtype, acc).view(ctx.x_shape).to(ctx.x_dtype)
-            for dy, dyB, xa, p, (nA, nB) in zip(dys, dyBs, xas, projs, needs):
-                grads += [None, *_adapter_grads(dy, dyB, x2, xa, p, nA, nB), None]
+                dx = _input_grad(dys, dyBs, projs, stack, dtype, acc).view(ctx.x_shape).to(ctx.x_dtype)
+            for dy, dyB, xa, p, dt, (nA, nB) in zip(dys, dyBs, xas, projs, ctx.grad_dtypes, needs):
+                grads += [None, *_adapter_grads(dy, dyB, x2, xa, p[3], dt, nA, nB), None]
         return (dx, None, None, *grads)
 
 
@@ -400,9 +428,12 @@ class _LoRAMLP(torch.autograd.Function):
         gate, up, down = _split(flat)
         (nA_g, _), (nA_u, _), _ = _needs(ctx, _MLP_FLAT, 3)
         lead = x.shape[:-1]
+        ctx.grad_dtypes, ctx.ranks = _adapter_dtypes((gate, up, down)), _ranks((gate, up, down))
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            xa_g, xa_u = _adapter_inputs(x2, (gate, up), dtype)
+            (gate, up), stack_gu = _in_dtype((gate, up), dtype)  # gate's and up's A's: one stack
+            (down,), stack_d = _in_dtype((down,), dtype)
+            xa_g, xa_u = _adapter_inputs(x2, (gate, up), stack_gu)
             g2 = _proj_forward(x2, gate, dtype, xa_g)
             if up_value is None:
                 u2 = _proj_forward(x2, up, dtype, xa_u)
@@ -412,23 +443,17 @@ class _LoRAMLP(torch.autograd.Function):
                 up_sink(u2)
             if output:
                 h = _glu_forward(g2, u2, kind)
-                (ha_d,) = _adapter_inputs(h, (down,), dtype)
+                (ha_d,) = _adapter_inputs(h, (down,), stack_d)
                 out = _proj_forward(h, down, dtype, ha_d)
                 del h  # recomputed in backward from g and u
             else:  # a recompute: the backward's GLU pass writes h anyway, and h A_down^T is taken there
                 ha_d, out = None, _phantom(x2, down[0].shape[0], dtype)
         ctx.save_for_backward(
-            x2 if (nA_g or nA_u) else None,
-            g2,
-            u2,
-            xa_g,
-            xa_u,
-            ha_d,
-            *[t for p in (gate, up, down) for t in p[1:3]],
+            x2 if (nA_g or nA_u) else None, g2, u2, xa_g, xa_u, ha_d, stack_gu, stack_d,
+            *[p[2] for p in (gate, up, down) if p[2] is not None],
         )
         # Frozen / quantized base weights ride on ctx (see _SharedInputProjections).
-        ctx.weights = [p[0] for p in (gate, up, down)]
-        ctx.scalings = [p[3] for p in (gate, up, down)]
+        ctx.projs = [(p[0], None, None, p[3]) for p in (gate, up, down)]
         ctx.kind, ctx.dtype, ctx.x_shape, ctx.x_dtype = kind, dtype, x.shape, x.dtype
         # A checkpoint's recompute (output=False) builds this node for one backward and drops it: its
         # saved g and u have no other reader, so that backward may overwrite them (never under
@@ -439,16 +464,16 @@ class _LoRAMLP(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward is hand-written: no double backward
     def backward(ctx, dout):
-        x2, g2, u2, xa_g, xa_u, ha_d, *adapters = ctx.saved_tensors
-        gate, up, down = [
-            (w, adapters[2 * i], adapters[2 * i + 1], s)
-            for i, (w, s) in enumerate(zip(ctx.weights, ctx.scalings))
-        ]
+        x2, g2, u2, xa_g, xa_u, ha_d, stack_gu, stack_d, *Bs = ctx.saved_tensors
+        n_gu = sum(r is not None for r in ctx.ranks[:2])
+        gate, up = _with_stack(ctx.projs[:2], ctx.ranks[:2], stack_gu, Bs[:n_gu])
+        (down,) = _with_stack(ctx.projs[2:], ctx.ranks[2:], stack_d, Bs[n_gu:])
+        dt_g, dt_u, dt_d = ctx.grad_dtypes
         (nA_g, nB_g), (nA_u, nB_u), (nA_d, nB_d) = _needs(ctx, _MLP_FLAT, 3)
         need_dx = ctx.needs_input_grad[0]
         need_dh = need_dx or nA_g or nB_g or nA_u or nB_u  # all upstream of down
         dtype, kind = ctx.dtype, ctx.kind
-        dx = dAg = dBg = dAu = dBu = dAd = None
+        dx = dAg = dBg = dAu = dBu = None
         with torch.autocast(dout.device.type, enabled=False):
             dy = dout.reshape(-1, dout.shape[-1]).to(dtype)
             dyB_d = _scaled_dyB(dy, down, dtype, need_dh or nA_d)
@@ -456,7 +481,7 @@ class _LoRAMLP(torch.autograd.Function):
                 # One pass gives dg, du and h (for down's adapter gradients): h over dh, and in a checkpoint
                 # recompute (g2 and u2 private to this backward) dg and du over g2 and u2: no (N, inter)
                 # buffer is new.
-                dh = _input_grad([dy], [dyB_d], [down], dtype, dtype)
+                dh = _input_grad([dy], [dyB_d], [down], stack_d, dtype, dtype)
                 dg, du, h = _glu_backward(dh, g2, u2, kind, in_place=ctx.private_saved)
                 del dh
             else:
@@ -464,18 +489,18 @@ class _LoRAMLP(torch.autograd.Function):
                 h = _glu_forward(g2, u2, kind) if nA_d or (nB_d and ha_d is None) else None
             del g2, u2
             if nB_d and ha_d is None:  # a recompute left h A_down^T to this pass
-                (ha_d,) = _adapter_inputs(h, (down,), dtype)
-            dAd, dBd = _adapter_grads(dy, dyB_d, h, ha_d, down, nA_d, nB_d)
+                (ha_d,) = _adapter_inputs(h, (down,), stack_d)
+            dAd, dBd = _adapter_grads(dy, dyB_d, h, ha_d, down[3], dt_d, nA_d, nB_d)
             del h
             if need_dh:
                 dyB_g = _scaled_dyB(dg, gate, dtype, need_dx or nA_g)
                 dyB_u = _scaled_dyB(du, up, dtype, need_dx or nA_u)
                 if need_dx:
                     acc = fp32_accumulator(dtype, dg.device)  # gate and up both feed dX
-                    dx = _input_grad([dg, du], [dyB_g, dyB_u], [gate, up], dtype, acc)
+                    dx = _input_grad([dg, du], [dyB_g, dyB_u], [gate, up], stack_gu, dtype, acc)
                     dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-                dAg, dBg = _adapter_grads(dg, dyB_g, x2, xa_g, gate, nA_g, nB_g)
-                dAu, dBu = _adapter_grads(du, dyB_u, x2, xa_u, up, nA_u, nB_u)
+                dAg, dBg = _adapter_grads(dg, dyB_g, x2, xa_g, gate[3], dt_g, nA_g, nB_g)
+                dAu, dBu = _adapter_grads(du, dyB_u, x2, xa_u, up[3], dt_u, nA_u, nB_u)
         grads = [None, dAg, dBg, None, None, dAu, dBu, None, None, dAd, dBd, None]
         return (dx, None, None, None, None, None, *grads)
 

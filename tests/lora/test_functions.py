@@ -244,6 +244,24 @@ def test_lora_mlp_partial_adapters():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_qkv_partial_adapters_of_different_ranks():
+    """k_proj not targeted and q/v of different ranks (PEFT's rank_pattern): the adapters stacked for one
+    x A^T product and one dx term are split back per projection."""
+    names = ["q_proj", "k_proj", "v_proj"]
+    model = peft_net(names, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 4})
+    mods = layers(model, names)
+    projs = lora_projections(*mods)
+    assert projs[1].A is None and projs[0].A.shape[0] == 8 and projs[2].A.shape[0] == 4
+    params = adapter_params(mods)
+    x = torch.randn(BATCH, SEQ, HIDDEN, requires_grad=True)
+    dys = [torch.randn(BATCH, SEQ, m.weight.shape[0] if isinstance(m, nn.Linear) else m.base_layer.weight.shape[0])
+           for m in mods]
+    got = run(lambda t: lora_qkv(t, *projs), x, params, dys)
+    want = run(lambda t: tuple(m(t) for m in mods), x, params, dys)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_plain_frozen_linear_without_adapter():
     lin = nn.Linear(HIDDEN, INTER, bias=False).requires_grad_(False)
     p = lora_projection(lin)
