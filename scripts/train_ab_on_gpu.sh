@@ -8,6 +8,10 @@
 #
 # The device's copy of the tree has a stale .git: pass the local commit in FASTTUNE_GIT_COMMIT.
 # AB_ENV="" skips the A/B; PROFILE=0 / TESTS=0 skip those pieces; PROFILE_MODEL/PROFILE_QUANT pick the profile.
+# BASE_DIR=.ab_base BASE_COMMIT=<commit>: the first job again from another commit's tree, on the same machine;
+# make it here (the device's .git cannot) and carry it:
+#   mkdir -p .ab_base && git archive <commit> fasttune 'benchmarks/*.py' | tar -x -C .ab_base
+#   echo .ab_base/ >> .git/info/exclude
 set -uo pipefail
 OUT="${OUT:?OUT must name the output folder}"
 source scripts/device_setup.sh || exit 1
@@ -20,6 +24,10 @@ timeout "${JOBS_S:-300}" python3 -m fasttune.bench "${args[@]}" --results-root "
 if [ -n "${AB_ENV:-}" ]; then
   env $AB_ENV timeout 150 python3 -m fasttune.bench --job "${JOBS%% *}" --results-root "$OUT/res_ab" \
     --log "$OUT/bench_ab.log" 2>&1 | tail -3
+fi
+if [ -n "${BASE_DIR:-}" ]; then
+  FASTTUNE_GIT_COMMIT="${BASE_COMMIT:-unknown}" FASTTUNE_BENCHMARKS_DIR="$PWD/$BASE_DIR/benchmarks" timeout 150 \
+    python3 -m fasttune.bench --job "${JOBS%% *}" --results-root "$OUT/res_base" --log "$OUT/bench_base.log" 2>&1 | tail -3
 fi
 if [ "${PROFILE:-1}" = 1 ]; then
   timeout 150 python3 benchmarks/profile_train.py --stack fasttune --model "${PROFILE_MODEL:-llama-8b}" \
