@@ -62,11 +62,8 @@ def profile(stack: str, args) -> None:
     for i in range(args.warmup):
         step(i)
     torch.cuda.synchronize()
-    if args.host:
-        host_time(step, args, stack)
-    if args.python:
-        python_profile(step, args)
     if args.phases:
+        pcie_bandwidth(args.batch * args.seq * spec.config["intermediate_size"] * 2)
         for i in range(args.steps):
             step(args.warmup + i, timed=True)
         torch.cuda.synchronize()
@@ -74,15 +71,25 @@ def profile(stack: str, args) -> None:
                            ("backward + optimizer", 1, 3), ("step", 0, 3)):
             times = [m[a].elapsed_time(m[b]) for m in phases]
             print(f"{name}: {', '.join(f'{t:.1f}' for t in times)} ms")
-    if args.host or args.python or args.phases:
+    if args.host:
+        host_time(step, args, stack)
+    if args.python:
+        python_profile(step, args)
+    if (args.host or args.python or args.phases) and not args.trace:
         return
+    n = args.trace_steps if args.trace else args.steps
     t0 = time.perf_counter()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(args.warmup, args.warmup + args.steps):
+        for i in range(args.warmup, args.warmup + n):
             step(i)
         torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / args.steps
-    print(f"\n===== {stack}: {wall * 1000:.1f} ms/step under the profiler ({args.steps} steps) =====")
+    if args.trace:  # the timeline (chrome://tracing, perfetto): which stream waits on what
+        prof.export_chrome_trace(args.trace)
+        print(f"trace written to {args.trace}")
+        if args.host or args.python or args.phases:
+            return
+    wall = (time.perf_counter() - t0) / n
+    print(f"\n===== {stack}: {wall * 1000:.1f} ms/step under the profiler ({n} steps) =====")
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows // 2, max_name_column_width=60))
@@ -90,6 +97,27 @@ def profile(stack: str, args) -> None:
         by_shape = prof.key_averages(group_by_input_shape=True)
         print(by_shape.table(sort_by="device_time_total", row_limit=args.rows * 2, max_name_column_width=40,
                              max_shapes_column_width=90))
+
+
+def pcie_bandwidth(nbytes: int, repeats: int = 12) -> None:
+    """This machine's copy bandwidth between the GPU and pinned host memory, each way, for `nbytes` at a
+    time (the size of one parked up_proj output): the forward's copies to the host are bound by it."""
+    import torch
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    for name, dst, src in (("GPU -> host", host, gpu), ("host -> GPU", gpu, host)):
+        rates = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            rates.append(nbytes / start.elapsed_time(end) / 1e6)
+        rates.sort()
+        print(f"PCIe {name}, {nbytes / 1e6:.0f} MB: min {rates[0]:.1f}, median {rates[len(rates) // 2]:.1f}, "
+              f"max {rates[-1]:.1f} GB/s")
 
 
 def _offload_stream():
@@ -177,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--phases", action="store_true",
                    help="only the forward's and the backward's GPU time per step, and when the forward's copies "
                         "to the host are done (fasttune's offloaded checkpointing)")
+    p.add_argument("--trace", help="also write the profiler's timeline of the --steps steps here (chrome trace)")
+    p.add_argument("--trace-steps", type=int, default=2, help="how many steps --trace records")
     args = p.parse_args(argv)
     stacks.set_offline_env()
     for stack in args.stack:
