@@ -31,6 +31,7 @@ except ImportError:  # the reference still works without Triton
     triton = None
 
 from ._triton_utils import interpreting
+from .launch import launch
 
 if triton is not None:
     from ._triton_utils import rounded
@@ -214,7 +215,7 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, kind: str):
     m = g2.shape[0]
     if m and n:
         block_m, block_n, num_warps = _config(m, n)
-        _glu_fwd_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        launch(_glu_fwd_kernel, (triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
             g2, u2, h2, g2.stride(0), u2.stride(0), h2.stride(0), m, n,
             KIND=_KIND_CODE[kind], EMULATE_RTNE=interpreting(),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
@@ -246,7 +247,7 @@ def glu_backward(dh: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, kind: str
     if m and n and (need_dg or need_du or with_h):
         block_m, block_n, num_warps = _config(m, n)
         dg_, du_, h_ = (t if t is not None else dh2 for t in (dg, du, h))
-        _glu_bwd_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        launch(_glu_bwd_kernel, (triton.cdiv(m, block_m), triton.cdiv(n, block_n)),
             dh2, g2, u2, dg_, du_, h_,
             dh2.stride(0), g2.stride(0), u2.stride(0), dg_.stride(0), du_.stride(0), h_.stride(0), m, n,
             KIND=_KIND_CODE[kind], COMPUTE_DG=need_dg, COMPUTE_DU=need_du, STORE_H=with_h,

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .launch import launch
 
 IGNORE_INDEX = -100
 
@@ -244,7 +245,7 @@ def cross_entropy_rows(
     else:
         g3, scale = z3, loss  # placeholders, never touched
     block, warps = _launch_config(V, block_v)
-    _ce_forward_kernel[(N,)](
+    launch(_ce_forward_kernel, (N,),
         z3, z3.stride(0), z3.stride(1), T,
         targets, loss, lse,
         g3, g3.stride(0), g3.stride(1), scale,
@@ -258,7 +259,7 @@ def _cross_entropy_grad(z3, targets, lse, scale, softcap, ignore_index, block_v)
     B, T, V = z3.shape
     grad = torch.empty(z3.shape, device=z3.device, dtype=z3.dtype)
     block, warps = _launch_config(V, block_v)
-    _ce_backward_kernel[(B * T,)](
+    launch(_ce_backward_kernel, (B * T,),
         z3, z3.stride(0), z3.stride(1), T,
         targets, lse,
         grad, grad.stride(0), grad.stride(1), scale.reshape(1),

@@ -41,6 +41,7 @@ except ImportError:  # the reference still works without Triton
     triton = None
 
 from ._triton_utils import interpreting
+from .launch import launch
 
 if triton is not None:
     from ._triton_utils import rounded
@@ -220,7 +221,7 @@ def rms_norm_forward(x, weight, eps, offset=0.0, residual=None):
     if m == 0:
         return y, s, s2, rstd
     block_m, block_n, num_warps = _config(m, n)
-    _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+    launch(_rms_norm_fwd_kernel, (triton.cdiv(m, block_m),),
         x2, r2, s2, y2, weight, rstd,
         x2.stride(0), r2.stride(0), s2.stride(0), y2.stride(0),
         m, n, float(eps), float(offset),
@@ -250,7 +251,7 @@ def rms_norm_backward(dy, x2, weight, rstd, offset=0.0, dres=None, dx_dtype=None
     programs = _num_programs(num_tiles, x2.device) if need_dw else num_tiles
     partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if need_dw else rstd
     any2 = dy2 if dy2 is not None else dres2
-    _rms_norm_bwd_kernel[(programs,)](
+    launch(_rms_norm_bwd_kernel, (programs,),
         any2, x2, weight.contiguous(), rstd,
         dres2 if dres2 is not None else any2, dx if dx is not None else any2, partial,
         any2.stride(0), x2.stride(0), (dres2 if dres2 is not None else any2).stride(0), n,

@@ -58,6 +58,7 @@ except ImportError:  # the reference still works without Triton
     triton = None
 
 from ._triton_utils import interpreting
+from .launch import launch
 
 if triton is not None:
     from ._triton_utils import round_to_bf16
@@ -202,7 +203,7 @@ def _launch(q, k, qo, ko, cos, sin, backward: bool) -> None:
     interpret = interpreting()
     block_h, block_d, num_warps = _rope_config(max(hq, hk), half)
     grid = (b * s, triton.cdiv(max(hq, hk), block_h))
-    _rope_qk_kernel[grid](
+    launch(_rope_qk_kernel, grid,
         q, k, qo, ko, cos, sin,
         s, hq, hk,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(),

@@ -78,6 +78,7 @@ except ImportError:  # the torch path still works without Triton
     triton = None
 
 from ..kernels._triton_utils import interpreting
+from ..kernels.launch import launch
 from .format import WEIGHT_DTYPES, QuantizedWeight
 
 if triton is not None:
@@ -530,7 +531,7 @@ def dequantize_nf4_triton(
     nbytes = data.numel()
     block = 1024 if not interpreting() else 512
     absmax, nested_code, nested_absmax, offset = q.kernel_statistics()
-    _dequantize_4bit_kernel[(triton.cdiv(nbytes, block),)](
+    launch(_dequantize_4bit_kernel, (triton.cdiv(nbytes, block),),
         data, q.code.contiguous(), absmax, nested_code, nested_absmax,
         result, nbytes, q.numel, offset,
         BLOCKSIZE=q.blocksize, NESTED_BLOCKSIZE=q.nested_blocksize, DOUBLE_QUANT=q.double_quant,

@@ -60,6 +60,7 @@ import torch
 
 from ..kernels import dispatch
 from ..kernels._triton_utils import interpreting
+from ..kernels.launch import launch
 from .nf4 import NF4Tensor
 
 try:
@@ -332,7 +333,7 @@ def nf4_gemv(
     _check_config(cfg)
     hb = min(q.blocksize // 2, cfg.block_kb)
     absmax, nested_code, nested_absmax, offset = q.kernel_statistics()
-    _nf4_gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
+    launch(_nf4_gemv_kernel, (triton.cdiv(N, cfg.block_n),),
         x2, q.data.contiguous(), q.code.contiguous(), absmax, nested_code, nested_absmax, out, N, K, x2.stride(0), out.stride(0), offset,
         M=M, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, NB=cfg.block_kb // hb, HB=hb,
         BLOCKSIZE=q.blocksize, NESTED_BLOCKSIZE=q.nested_blocksize, DOUBLE_QUANT=q.double_quant,

@@ -330,7 +330,8 @@ def variants() -> list[Variant]:
 
 
 def launched_kernels(root: Path = REPO / "fasttune") -> dict[str, set[str]]:
-    """{module: names of its @triton.jit functions that the source launches as `name[grid](...)`}."""
+    """{module: names of its @triton.jit functions that the source launches, as `name[grid](...)` or
+    through fasttune.kernels.launch as `launch(name, grid, ...)`}."""
     found = {}
     for path in sorted(root.rglob("*.py")):
         text = path.read_text()
@@ -344,6 +345,10 @@ def launched_kernels(root: Path = REPO / "fasttune") -> dict[str, set[str]]:
         launched = {
             node.value.id for node in ast.walk(tree)
             if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in jitted
+        } | {
+            node.args[0].id for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "launch"
+            and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in jitted
         }
         module = ".".join(path.relative_to(REPO).with_suffix("").parts)
         found[module] = launched

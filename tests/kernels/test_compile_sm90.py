@@ -95,7 +95,7 @@ def test_compiles_for_sm90(variant, sm90_results):
 
 
 def test_every_launched_kernel_is_compiled():
-    """Each @triton.jit function that fasttune launches (`kernel[grid](...)`) has variants here."""
+    """Each @triton.jit function that fasttune launches (`kernel[grid](...)`, `launch(kernel, grid, ...)`) has variants here."""
     launched = sm90.launched_kernels()
     assert any(launched.values()), "found no launched Triton kernels in fasttune/: is the scan broken?"
     covered = {(v.module, v.kernel) for v in VARIANTS}
