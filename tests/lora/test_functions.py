@@ -583,3 +583,71 @@ def test_mlp_recompute_backward_in_place_through_the_triton_activation(mode, mon
     tol = {"rtol": 1e-5, "atol": 1e-5} if mode == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
     for g, w in zip(got[1:], want[1:]):
         torch.testing.assert_close(g.float(), w.float(), **tol)
+
+
+# --------------------------------------------------------------------------------------------
+# the adapters' compute-dtype copies, kept between calls
+# --------------------------------------------------------------------------------------------
+
+
+class _DataWritingSGD(torch.optim.Optimizer):
+    """Writes the parameters through `.data`, as some optimizers do: no in-place version bump."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def test_kept_adapter_casts_follow_every_change_of_the_adapters():
+    """lora_qkv stacks the three A's (a copy, kept between calls). After each way of changing the
+    adapters the fused outputs and gradients match PEFT's on the same modules."""
+    names = ["q_proj", "k_proj", "v_proj"]
+    model = peft_net(names)
+    mods = layers(model, names)
+    params = adapter_params(mods)
+    x = torch.randn(BATCH, SEQ, HIDDEN, requires_grad=True)
+    dys = [torch.randn(BATCH, SEQ, SHAPES[n][1]) for n in names]
+
+    def check():
+        projs = lora_projections(*mods)
+        got = run(lambda t: lora_qkv(t, *projs), x, params, dys)
+        want = run(lambda t: tuple(m(t) for m in mods), x, params, dys)
+        for i, (g, w) in enumerate(zip(got, want)):
+            err = (g - w).abs().max().item()
+            assert err <= 1e-5 * w.abs().max().item() + 1e-7, (i, err)  # compare()'s fp32 bound
+
+    projs = lora_projections(*mods)
+    first = lora_functions._in_dtype(projs, torch.float32)[1]
+    assert lora_functions._in_dtype(projs, torch.float32)[1] is first  # kept, not cast again
+    check()
+    with torch.no_grad():  # an in-place write (the version counter moves)
+        mods[1].lora_A["default"].weight.mul_(1.5)
+    check()
+    for opt in (torch.optim.SGD(params, lr=0.5), _DataWritingSGD(params, lr=0.5)):  # an optimizer's step
+        sum(o.float().pow(2).sum() for o in lora_qkv(x, *lora_projections(*mods))).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        check()
+    mods[0].lora_A["default"].weight.data.mul_(0.5)  # through .data, outside any optimizer step
+    lora_functions.forget_adapter_casts()
+    check()
+
+
+def test_casts_kept_under_inference_mode_are_not_used_for_training():
+    names = ["q_proj", "k_proj", "v_proj"]
+    model = peft_net(names)
+    mods = layers(model, names)
+    x = torch.randn(BATCH, SEQ, HIDDEN)
+    with torch.inference_mode():
+        lora_qkv(x, *lora_projections(*mods))
+    xg = x.clone().requires_grad_()
+    outs = lora_qkv(xg, *lora_projections(*mods))
+    sum(o.sum() for o in outs).backward()  # inference tensors cannot be saved for backward
+    want = torch.autograd.grad(sum(m(x.clone().requires_grad_()).sum() for m in mods), mods[0].lora_A["default"].weight)
+    torch.testing.assert_close(mods[0].lora_A["default"].weight.grad, want[0], rtol=1e-5, atol=1e-6)
