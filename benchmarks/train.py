@@ -24,6 +24,7 @@ The record goes to <results-root>/<gpu-slug>/train.json under runs["<model>/<qua
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -69,9 +70,11 @@ def train(model, data, args, device):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses, norms = [], [], []
+    pauses = GCPauses()
     for step in range(args.steps):
         ids = data[step * args.batch:(step + 1) * args.batch].to(device, non_blocking=True)
         sync()
+        pauses.step = step
         t0 = time.perf_counter()
         loss, norm = common.optimizer_step(model, ids, trainable, optimizer, device)
         sync()
@@ -79,8 +82,31 @@ def train(model, data, args, device):
         losses.append(float(loss.detach().float()))
         norms.append(float(norm))
         del loss
+    pauses.close()
     update = sum(float((p.detach().float().cpu() - b).norm()) for p, b in zip(probe, before))
-    return times, losses, norms, update
+    return times, losses, norms, update, pauses.per_step
+
+
+class GCPauses:
+    """Python's cyclic garbage collections during the steps (gc.callbacks): per step, the seconds the host
+    spent in them and which generations ran. A full (generation 2) collection walks every tracked object
+    of the process and can stall the host, and with it a host-bound step, for a few hundred ms."""
+
+    def __init__(self):
+        self.step, self.per_step, self._t0 = 0, {}, None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            entry = self.per_step.setdefault(self.step, {"s": 0.0, "generations": []})
+            entry["s"] += time.perf_counter() - self._t0
+            entry["generations"].append(info["generation"])
+            self._t0 = None
+
+    def close(self):
+        gc.callbacks.remove(self._callback)
 
 
 def summarize(args, spec, times, losses, norms, update, lora_params, peak_tflops) -> dict:
@@ -136,12 +162,19 @@ def main(argv=None) -> int:
         record["trainable_params"] = sum(p.numel() for p in trainable)
         record["trainable_dtype"] = str(trainable[0].dtype).removeprefix("torch.") if trainable else None
         data = common.random_batches(spec.config["vocab_size"], args.steps * args.batch, args.seq, args.seed)
-        times, losses, norms, update = train(model, data, args, device)
+        times, losses, norms, update, gc_pauses = train(model, data, args, device)
         if cuda:
             record["peak_alloc_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             record["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
         record.update(summarize(args, spec, times, losses, norms, update, lora_params,
                                 ceilings["bf16_matmul_tflops"]))
+        timed_gc = {k: v for k, v in gc_pauses.items() if k >= args.warmup}
+        record["gc_in_timed_steps"] = {
+            "s": round(sum(v["s"] for v in timed_gc.values()), 4),
+            "full_collections": sum(v["generations"].count(2) for v in timed_gc.values()),
+            "collections": sum(len(v["generations"]) for v in timed_gc.values()),
+            "by_step": {str(k): {"s": round(v["s"], 4), "generations": v["generations"]} for k, v in timed_gc.items()},
+        }
         record["problems"] = common.training_problems(losses, norms, args.steps, update)
         record["status"] = "ok" if not record["problems"] else "failed-checks"
     key = run_key(args)

@@ -49,7 +49,7 @@ def test_train_records_throughput_and_checks(results):
         assert r["problems"] == []
         for field in ("tokens_per_s", "s_per_step_median", "losses", "grad_norms", "update_norm", "model_flops_per_token",
                       "trainable_params", "date", "gpu", "versions", "git_commit", "command", "machine", "lora",
-                      "fasttune_env"):
+                      "fasttune_env", "gc_in_timed_steps"):
             assert field in r, field
         assert r["tokens_per_s"] > 0 and len(r["losses"]) == 2 and len(r["step_times"]) == 2
         assert common.loss_moved(r["losses"]), r["losses"]
@@ -61,6 +61,22 @@ def test_train_records_throughput_and_checks(results):
     # identical data, init and LoRA settings: the two stacks start from the same loss
     first = [results["runs"][f"llama-1b-tiny/16bit/lora/s32b2/{s}"]["loss_first"] for s in ("fasttune", "hf")]
     assert first[0] == pytest.approx(first[1], rel=2e-2)
+
+
+def test_gc_pauses_are_counted_per_step():
+    import gc
+
+    pauses = train.GCPauses()
+    try:
+        pauses.step = 3
+        gc.collect()  # one full collection, as the step's own
+        pauses.step = 4
+        gc.collect(0)
+    finally:
+        pauses.close()
+    assert pauses.per_step[3]["generations"] == [2] and pauses.per_step[3]["s"] > 0
+    assert pauses.per_step[4]["generations"] == [0]
+    assert pauses._callback not in gc.callbacks
 
 
 def test_unsupported_configuration_is_recorded(results):
