@@ -54,6 +54,8 @@ import weakref
 
 import torch
 
+from . import gc_pause
+
 # Tests set this to run the offloading path on CPU tensors too (there the "host copy" is a clone).
 OFFLOAD_CPU_TENSORS = False
 
@@ -199,6 +201,7 @@ class _LayerCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        gc_pause.resume_after_backward()  # from the outer backward, before the nested one below
         if not torch.autograd._is_checkpoint_valid():
             raise RuntimeError(
                 "offloaded gradient checkpointing works with loss.backward() only (the layers' parameter "

@@ -46,6 +46,7 @@ from ..lora import (
     lora_qkv,
     why_not_fused,
 )
+from ..memory import gc_pause
 from ..memory.offload import LayerPass, layer_checkpoint, residual_add
 from .rope import rope_inv_freq
 
@@ -450,16 +451,22 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
     hidden = inputs_embeds
     all_hidden = [hidden] if output_hidden_states else None
     top = len(base.layers) - 1
-    for idx, layer in enumerate(base.layers):
-        mode = state.gradient_checkpointing or getattr(layer, "gradient_checkpointing", False)
-        if checkpointing and mode:
-            run = partial(decoder_layer_forward, layer, ctx=ctx, state=state, cache=None, layer_idx=idx)
-            # the top layer's backward comes first: its input stays on the GPU (memory/offload.py)
-            hidden = layer_checkpoint(run, hidden, idx, offload=mode == "offload" and idx < top)
-        else:
-            hidden = decoder_layer_forward(layer, hidden, ctx, state, cache, idx)
-        if all_hidden is not None:
-            all_hidden.append(hidden)
+    modes = [state.gradient_checkpointing or getattr(layer, "gradient_checkpointing", False) for layer in base.layers]
+    if checkpointing and any(modes):
+        gc_pause.pause()  # until the backward's end (memory/gc_pause.py)
+    try:
+        for idx, (layer, mode) in enumerate(zip(base.layers, modes)):
+            if checkpointing and mode:
+                run = partial(decoder_layer_forward, layer, ctx=ctx, state=state, cache=None, layer_idx=idx)
+                # the top layer's backward comes first: its input stays on the GPU (memory/offload.py)
+                hidden = layer_checkpoint(run, hidden, idx, offload=mode == "offload" and idx < top)
+            else:
+                hidden = decoder_layer_forward(layer, hidden, ctx, state, cache, idx)
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+    except BaseException:
+        gc_pause.resume()
+        raise
     hidden = rms_norm(hidden, base.norm.weight, state.eps, state.spec.norm_offset)
     if all_hidden is not None:
         all_hidden[-1] = hidden
