@@ -137,6 +137,22 @@ def test_checkpointing_changes_no_gradient(model_dirs):
 
 
 @needs_cuda
+def test_gc_paused_for_the_step_and_on_again_after_a_cuda_backward(model_dirs):
+    """The backward runs on the autograd engine's device thread: the pause still ends with it."""
+    import gc
+
+    model, _ = fast_lora(model_dirs("llama"), checkpointing="unsloth")
+    ids = torch.randint(3, model.config.vocab_size, (2, 48), device=DEVICE)
+    gc.enable()
+    for _ in range(2):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        assert not gc.isenabled()
+        loss.backward()
+        assert gc.isenabled()
+
+
+@needs_cuda
 def test_checkpointing_lowers_peak_memory(model_dirs):
     """At hidden 512, 4 layers, batch 4 x 1024 the saved activations dominate: checkpointing must cut the
     training step's peak well below the run without it."""
