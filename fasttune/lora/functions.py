@@ -163,8 +163,6 @@ def forget_adapter_casts() -> None:
 
 def _cast_adapters(As, Bs, dtype):
     """(stack of the A's in `dtype`, the B's in `dtype`), from the kept copies where they are still valid."""
-    if len(As) == 1 and all(t.dtype == dtype for t in (*As, *Bs)):
-        return As[0], list(Bs)  # nothing to cast (and an entry holding its own key would never be freed)
     if not _step_hook:
         _step_hook.append(register_optimizer_step_post_hook(_count_optimizer_step))
     key = (dtype, _optimizer_steps[0], torch.is_inference_mode_enabled(),
