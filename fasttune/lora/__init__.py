@@ -5,16 +5,13 @@
 `lora_linear` / `lora_o` (one projection), `lora_qkv` (three projections of one input) and
 `lora_mlp` (the whole gated MLP as one autograd node) take (weight, A, B, scaling) tuples;
 `lora_projection(module)` reads one from a PEFT LoRA layer or a plain frozen linear, or returns
-None when the module must run its own forward. The math is in `functions`' docstring. The adapters'
-compute-dtype copies are kept while the adapters are unchanged; `forget_adapter_casts()` drops them
-(needed only after writing adapter weights through `.data` outside an optimizer step).
+None when the module must run its own forward. The math is in `functions`' docstring.
 """
 
 from .functions import (
     MLP_ACTIVATIONS,
     LoRAProjection,
     dense_weight,
-    forget_adapter_casts,
     is_quant_weight,
     lora_linear,
     lora_mlp,
@@ -36,7 +33,6 @@ __all__ = [
     "base_bias",
     "LoRAProjection",
     "dense_weight",
-    "forget_adapter_casts",
     "is_quant_weight",
     "lora_linear",
     "lora_mlp",

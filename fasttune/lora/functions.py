@@ -58,8 +58,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..kernels import activations as _act
 from ..kernels import dispatch
@@ -136,55 +134,15 @@ def _phantom(x2: torch.Tensor, out_features: int, dtype) -> torch.Tensor:
     return torch.zeros((), dtype=dtype, device=x2.device).expand(x2.shape[0], out_features)
 
 
-# The adapters' compute-dtype copies (the A's of a projection group as one stack, and the B's), kept
-# between calls: the adapters change only where an optimizer steps (or code writes them in place), so a
-# training step's forward and its checkpoint recompute, and every micro-batch of an accumulation, read
-# one cast instead of casting again (each cast a kernel launch: ~1,000 per Llama-8B step, and a step on
-# a slow host waits on launches). An entry is keyed on the group's first A (by identity, held weakly)
-# and is valid while no optimizer has stepped since it was made (a global step hook counts steps: every
-# torch.optim optimizer runs it, bitsandbytes' too), every adapter is the same tensor at the same address
-# and in-place version, and inference mode is as it was (its tensors cannot be saved for a backward).
-# One entry per projection group: the copies cost the adapters' size in the compute dtype (84 MB for
-# Llama-8B at rank 16). Writes through `.data` outside an optimizer step do not move the version
-# counter; `forget_adapter_casts()` drops every entry.
-_casts = WeakIdKeyDictionary()  # by identity: tensors compare elementwise
-_optimizer_steps = [0]
-_step_hook: list = []
-
-
-def _count_optimizer_step(*_):
-    _optimizer_steps[0] += 1
-
-
-def forget_adapter_casts() -> None:
-    """Drop the kept compute-dtype copies of the adapters (after writing adapter weights through `.data`)."""
-    _casts.clear()
-
-
-def _cast_adapters(As, Bs, dtype):
-    """(stack of the A's in `dtype`, the B's in `dtype`), from the kept copies where they are still valid."""
-    if not _step_hook:
-        _step_hook.append(register_optimizer_step_post_hook(_count_optimizer_step))
-    key = (dtype, _optimizer_steps[0], torch.is_inference_mode_enabled(),
-           *[(id(t), t._version, t.data_ptr()) for t in (*As, *Bs)])
-    hit = _casts.get(As[0])
-    if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
-    stack = (As[0] if len(As) == 1 else torch.cat(As)).to(dtype)
-    cast_Bs = [B.to(dtype) for B in Bs]
-    _casts[As[0]] = (key, stack, cast_Bs)
-    return stack, cast_Bs
-
-
 def _in_dtype(projs, dtype):
     """The projections with their adapters in `dtype`, and the A's stacked: (projs, stack or None). The A's
     are cast once, as one stack, and each projection's A is a row block of it; x A^T and dx's rank-r terms
-    take the stack whole. The backward gets the same casts (saved), not new ones; the casts are kept for
-    the next call while the adapters are unchanged (_cast_adapters)."""
+    take the stack whole. The backward gets the same casts (saved), not new ones."""
     As = [p[1] for p in projs if p[1] is not None]
     if not As:
         return list(projs), None
-    stack, Bs = _cast_adapters(As, [p[2] for p in projs if p[2] is not None], dtype)
+    stack = (As[0] if len(As) == 1 else torch.cat(As)).to(dtype)
+    Bs = [p[2].to(dtype) for p in projs if p[2] is not None]
     return _with_stack(projs, _ranks(projs), stack, Bs), stack
 
 
