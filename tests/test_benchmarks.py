@@ -15,6 +15,7 @@ sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402  (benchmarks/common.py)
 import report  # noqa: E402
+import trace_summary  # noqa: E402
 import train  # noqa: E402
 
 from fasttune import bench  # noqa: E402
@@ -77,6 +78,36 @@ def test_gc_pauses_are_counted_per_step():
     assert pauses.per_step[3]["generations"] == [2] and pauses.per_step[3]["s"] > 0
     assert pauses.per_step[4]["generations"] == [0]
     assert pauses._callback not in gc.callbacks
+
+
+def test_trace_summary_finds_the_compute_streams_idle_time(tmp_path):
+    """A synthetic timeline: stream 7 runs three kernels with gaps of 2 ms and 5 ms (the second in the next
+    20 ms window), stream 9 one copy; the host made three launch calls."""
+    import gzip
+
+    def kernel(ts_ms, dur_ms, name, tid=7, cat="kernel"):
+        return {"cat": cat, "name": name, "ts": ts_ms * 1000, "dur": dur_ms * 1000, "tid": tid, "pid": 0}
+
+    events = [
+        kernel(0, 10, "a"), kernel(12, 10, "b"), kernel(27, 3, "c"), kernel(1, 30, "Memcpy DtoH", tid=9, cat="gpu_memcpy"),
+        {"cat": "cuda_driver", "name": "cuLaunchKernelEx", "ts": 0, "dur": 5, "tid": 1},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 1, "dur": 5, "tid": 1},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 2, "dur": 5, "tid": 1},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9, "tid": 1},
+    ]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = trace_summary.summarize(trace_summary.load(str(path)), steps=1, window_ms=20)
+    c = s["compute_stream"]
+    assert c["id"] == 7 and c["busy_ms"] == 23 and c["span_ms"] == 30 and c["idle_ms"] == 7
+    assert s["idle_ms_per_window"] == {0.0: 2.0, 20.0: 5.0}
+    assert [g["ms"] for g in s["longest_gaps"]] == [5.0, 2.0] and s["longest_gaps"][0]["after"] == "b"
+    assert s["per_step"]["kernels"] == 3 and s["per_step"]["copies"] == 1
+    assert s["per_step"]["launch_calls"] == {"cuLaunchKernelEx": 1, "cudaLaunchKernel": 2}
+    assert trace_summary.main([str(path), "--steps", "1"]) == 0
+    with pytest.raises(ValueError, match="no GPU activity"):
+        trace_summary.summarize(events[4:])
 
 
 def test_unsupported_configuration_is_recorded(results):
