@@ -55,7 +55,8 @@ def run_key(args) -> str:
 
 
 def train(model, data, args, device):
-    """The shared loop. Returns (step_times, losses, grad_norms, update_norm)."""
+    """The shared loop. Returns (step_times, losses, grad_norms, update_norm, GC pauses per step, peaks): peaks
+    are the allocator's peak over all steps and over the steps after the warm-up (CUDA; else None)."""
     import torch
 
     cuda = device.type == "cuda"
@@ -70,10 +71,14 @@ def train(model, data, args, device):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses, norms = [], [], []
+    warmup_peak = 0
     pauses = GCPauses()
     for step in range(args.steps):
         ids = data[step * args.batch:(step + 1) * args.batch].to(device, non_blocking=True)
         sync()
+        if cuda and step == args.warmup:  # the steady state's peak, apart from the first steps' (train_record)
+            warmup_peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         pauses.step = step
         t0 = time.perf_counter()
         loss, norm = common.optimizer_step(model, ids, trainable, optimizer, device)
@@ -83,8 +88,25 @@ def train(model, data, args, device):
         norms.append(float(norm))
         del loss
     pauses.close()
+    peaks = None
+    if cuda:
+        steady = torch.cuda.max_memory_allocated()
+        peaks = {"all": max(steady, warmup_peak), "steady": steady}
     update = sum(float((p.detach().float().cpu() - b).norm()) for p, b in zip(probe, before))
-    return times, losses, norms, update, pauses.per_step
+    return times, losses, norms, update, pauses.per_step, peaks
+
+
+def layer_graph_memory(stack: str, steady_peak: int) -> dict:
+    """fasttune's captured layer backwards (fasttune/memory/layer_graphs.py): how many, and the memory their
+    pool holds, which the allocator's peak does not see while a graph replays; the steady peak plus the pool
+    is the figure to compare with other stacks' peaks."""
+    if stack != "fasttune":
+        return {}
+    from fasttune.memory import layer_graphs
+
+    pool = layer_graphs.pool_bytes()
+    return {"layer_graphs": dict(layer_graphs.stats), "graph_pool_gb": round(pool / 2**30, 3),
+            "peak_alloc_steady_plus_pool_gb": round((steady_peak + pool) / 2**30, 3)}
 
 
 class GCPauses:
@@ -162,10 +184,12 @@ def main(argv=None) -> int:
         record["trainable_params"] = sum(p.numel() for p in trainable)
         record["trainable_dtype"] = str(trainable[0].dtype).removeprefix("torch.") if trainable else None
         data = common.random_batches(spec.config["vocab_size"], args.steps * args.batch, args.seq, args.seed)
-        times, losses, norms, update, gc_pauses = train(model, data, args, device)
+        times, losses, norms, update, gc_pauses, peaks = train(model, data, args, device)
         if cuda:
-            record["peak_alloc_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            record["peak_alloc_gb"] = round(peaks["all"] / 2**30, 3)
+            record["peak_alloc_steady_gb"] = round(peaks["steady"] / 2**30, 3)
             record["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+            record.update(layer_graph_memory(args.stack, peaks["steady"]))
         record.update(summarize(args, spec, times, losses, norms, update, lora_params,
                                 ceilings["bf16_matmul_tflops"]))
         timed_gc = {k: v for k, v in gc_pauses.items() if k >= args.warmup}

@@ -94,29 +94,37 @@ def _to_host(hidden: torch.Tensor, slot, owner) -> torch.Tensor:
     return buf
 
 
-def _fetch(hosts: list, device: torch.device):
+def _fetch(hosts: list, device: torch.device, into: list | None = None):
     """Start copying host buffers back on the side stream, after everything queued so far (the forward's
-    copies into them included). Returns (the GPU tensors, the event that marks the copies done)."""
+    copies into them included), into `into` (GPU buffers of the caller's) or new GPU tensors. Returns
+    (the GPU tensors, the event that marks the copies done)."""
     stream = _side_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     gpus = []
-    for host in hosts:
-        gpu = torch.empty(host.shape, dtype=host.dtype, device=device)  # on the compute stream's pool
+    for i, host in enumerate(hosts):
+        gpu = into[i] if into is not None else torch.empty(host.shape, dtype=host.dtype, device=device)
         with torch.cuda.stream(stream):
             gpu.copy_(host, non_blocking=True)
-        gpu.record_stream(stream)
+        if into is None:
+            gpu.record_stream(stream)  # allocated on the compute stream's pool, written on the side stream
         gpus.append(gpu)
     done = torch.cuda.Event()
     done.record(stream)
     return gpus, done
 
 
+def _graph_inputs(ctx):
+    """The GPU buffers a layer's captured backward reads its input and parked tensors from (layer_graphs),
+    or None when the layer's backward runs eagerly."""
+    return ctx.graphs.inputs_for(ctx) if ctx.graphs is not None else None
+
+
 def _back_on_device(ctx) -> list:
     """The layer's input and parked tensors on its device again; on CUDA, starts the copy back of the
-    layer below too."""
+    layer below too (into its captured backward's input buffers, when it has one)."""
     if ctx.offloaded and ctx.hosts[0].is_pinned():
         if ctx.fetched is None:
-            ctx.fetched = _fetch(ctx.hosts, ctx.device)
+            ctx.fetched = _fetch(ctx.hosts, ctx.device, _graph_inputs(ctx))
         gpus, done = ctx.fetched
         torch.cuda.current_stream(ctx.device).wait_event(done)
     else:  # kept on the GPU (recompute mode, the top layer), or the CPU tests' clones
@@ -124,7 +132,7 @@ def _back_on_device(ctx) -> list:
     below = ctx.below() if ctx.below is not None else None
     if below is not None and below.offloaded and below.hosts is not None and below.fetched is None \
             and below.hosts[0].is_pinned():
-        below.fetched = _fetch(below.hosts, below.device)
+        below.fetched = _fetch(below.hosts, below.device, _graph_inputs(below))
     return gpus
 
 
@@ -178,9 +186,9 @@ def residual_add(x: torch.Tensor, h: torch.Tensor, ckpt: LayerPass | None) -> to
 
 class _LayerCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, slot, offload, hidden, grad_anchor):
+    def forward(ctx, run, slot, offload, graphs, hidden, grad_anchor):
         device = hidden.device
-        ctx.run, ctx.device, ctx.dtype, ctx.slot = run, device, hidden.dtype, slot
+        ctx.run, ctx.device, ctx.dtype, ctx.slot, ctx.graphs = run, device, hidden.dtype, slot, graphs
         ctx.input_requires_grad = hidden.requires_grad
         ctx.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         ctx.cpu_rng = torch.get_rng_state()
@@ -207,28 +215,44 @@ class _LayerCheckpoint(torch.autograd.Function):
                 "offloaded gradient checkpointing works with loss.backward() only (the layers' parameter "
                 "gradients accumulate into .grad); use use_gradient_checkpointing=True for torch.autograd.grad"
             )
-        hidden, *parked = _back_on_device(ctx)
-        hidden = hidden.detach().requires_grad_(ctx.input_requires_grad)
-        devices = [ctx.device] if ctx.device.type == "cuda" else []
-        enabled, dtype = ctx.autocast
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
-                out = ctx.run(hidden, ckpt=LayerPass(True, ctx.offloaded, parked=parked))
-        del parked
-        if out.requires_grad:
-            torch.autograd.backward(out, grad_out)
-        ctx.run = ctx.hosts = ctx.fetched = None  # free the closure and the copies (the pool gets the buffers)
-        return None, None, None, (hidden.grad if ctx.input_requires_grad else None), None
+        if ctx.graphs is not None:  # a captured recompute + backward, or the eager one (layer_graphs decides)
+            dx = ctx.graphs.backward(ctx, grad_out)
+        else:
+            hidden, *parked = _back_on_device(ctx)
+            dx = recompute_backward(ctx, hidden, parked, grad_out)
+        ctx.run = ctx.hosts = ctx.fetched = ctx.graphs = None  # free the closure and the copies (the pool gets the buffers)
+        return None, None, None, None, dx, None
 
 
-def layer_checkpoint(run, hidden: torch.Tensor, slot, offload: bool) -> torch.Tensor:
+def recompute_backward(ctx, hidden: torch.Tensor, parked: list, grad_out: torch.Tensor):
+    """The layer's recompute from `hidden` (and its parked tensors), and the backward through it with
+    `grad_out`: the parameters' gradients accumulate into `.grad`; returns the input's gradient (or None)."""
+    hidden = hidden.detach().requires_grad_(ctx.input_requires_grad)
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    enabled, dtype = ctx.autocast
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(ctx.cpu_rng)
+        if ctx.cuda_rng is not None:
+            torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+        with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+            out = ctx.run(hidden, ckpt=LayerPass(True, ctx.offloaded, parked=parked))
+    del parked
+    if out.requires_grad:
+        torch.autograd.backward(out, grad_out)
+    return hidden.grad if ctx.input_requires_grad else None
+
+
+def layer_checkpoint(run, hidden: torch.Tensor, slot, offload: bool, graphs=None) -> torch.Tensor:
     """run(hidden, ckpt=LayerPass(...)), recomputed in the backward; with `offload` (CUDA, or CPU tensors
     under OFFLOAD_CPU_TENSORS) `hidden` and what `run` parks wait in host memory meanwhile. `slot` names
-    the host buffers (one set per layer: its index)."""
+    the host buffers (one set per layer: its index). `graphs`: the forward's layer_graphs.StepGraphs, whose
+    `backward` then runs this layer's (offloaded layers only)."""
     # The anchor makes the output require grad when the input does not (frozen embeddings under LoRA),
     # so that the backward runs and the layer's trainable parameters get their gradients.
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    return _LayerCheckpoint.apply(run, slot, bool(offload) and offload_applies(hidden), hidden, anchor)
+    offload = bool(offload) and offload_applies(hidden)
+    if graphs is not None and offload:
+        graphs.forwarded(slot)
+    else:
+        graphs = None
+    return _LayerCheckpoint.apply(run, slot, offload, graphs, hidden, anchor)

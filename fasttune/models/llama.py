@@ -46,7 +46,7 @@ from ..lora import (
     lora_qkv,
     why_not_fused,
 )
-from ..memory import gc_pause
+from ..memory import gc_pause, layer_graphs
 from ..memory.offload import LayerPass, layer_checkpoint, residual_add
 from .rope import rope_inv_freq
 
@@ -83,6 +83,7 @@ class FastState:
     embed_scale: float | None = None  # applied here only when the embedding module does not
     gradient_checkpointing: bool | str = False  # False, "recompute" or "offload" (memory/checkpointing.py)
     park_mlp_up: float = 0.0  # the share of layers whose up_proj output offloaded checkpointing parks (parks_mlp_up)
+    layer_graphs: object = None  # memory/layer_graphs.LayerGraphs, once a training forward may use them
     _on_device: dict = field(default_factory=dict)
 
     def inv_freq_on(self, key, device: torch.device) -> torch.Tensor:
@@ -452,14 +453,18 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
     all_hidden = [hidden] if output_hidden_states else None
     top = len(base.layers) - 1
     modes = [state.gradient_checkpointing or getattr(layer, "gradient_checkpointing", False) for layer in base.layers]
+    graphs = None
     if checkpointing and any(modes):
         gc_pause.pause()  # until the backward's end (memory/gc_pause.py)
+        if "offload" in modes:  # the offloaded layers' backward may replay CUDA graphs (memory/layer_graphs.py)
+            graphs = layer_graphs.step_graphs(state, base.layers, ctx, hidden, top, output_hidden_states)
     try:
         for idx, (layer, mode) in enumerate(zip(base.layers, modes)):
             if checkpointing and mode:
                 run = partial(decoder_layer_forward, layer, ctx=ctx, state=state, cache=None, layer_idx=idx)
                 # the top layer's backward comes first: its input stays on the GPU (memory/offload.py)
-                hidden = layer_checkpoint(run, hidden, idx, offload=mode == "offload" and idx < top)
+                offload = mode == "offload" and idx < top
+                hidden = layer_checkpoint(run, hidden, idx, offload=offload, graphs=graphs if offload else None)
             else:
                 hidden = decoder_layer_forward(layer, hidden, ctx, state, cache, idx)
             if all_hidden is not None:
