@@ -172,7 +172,7 @@ class LayerGraphs:
         self.active: _GraphSet | None = None
         _managers.add(self)
 
-    def step(self, layers, fctx, hidden: torch.Tensor, top: int):
+    def step(self, layers, fctx, hidden: torch.Tensor):
         """The StepGraphs for a training forward, or None where its backward must run eagerly."""
         key = (hidden.device, tuple(hidden.shape), hidden.dtype, torch.is_autocast_enabled("cuda"),
                torch.get_autocast_dtype("cuda"),
@@ -197,7 +197,7 @@ class LayerGraphs:
         return step
 
 
-def step_graphs(state, layers, fctx, hidden: torch.Tensor, top: int, output_hidden_states: bool):
+def step_graphs(state, layers, fctx, hidden: torch.Tensor, output_hidden_states: bool):
     """The forward's StepGraphs when its layers' backward may be captured and replayed (module docstring),
     else None."""
     if not _ENABLED or not hidden.is_cuda or output_hidden_states or _distributed():
@@ -209,12 +209,12 @@ def step_graphs(state, layers, fctx, hidden: torch.Tensor, top: int, output_hidd
         return None
     if torch.compiler.is_compiling():
         return None
-    for layer in layers[:top]:
+    for layer in layers:
         if layer.training and _has_dropout(layer, getattr(layer, "self_attn", None)):
             return None
     if state.layer_graphs is None:
         state.layer_graphs = LayerGraphs()
-    return state.layer_graphs.step(layers, fctx, hidden, top)
+    return state.layer_graphs.step(layers, fctx, hidden)
 
 
 class StepGraphs:
@@ -240,6 +240,8 @@ class StepGraphs:
         if entry is not None and entry.fingerprint != fingerprint(layer):
             del s.captured[slot]  # its weights or adapters changed: capture it again
             s.eager_runs[slot], entry = 0, None
+            if not s.captured:
+                s.pool = None  # the pool went with its last graph: the next capture takes a new one
         if entry is None and not s.failed and s.eager_runs.get(slot, 0) >= 1:
             entry = self._capture(ctx, layer)
         if entry is None:

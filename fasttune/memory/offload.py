@@ -246,12 +246,12 @@ def layer_checkpoint(run, hidden: torch.Tensor, slot, offload: bool, graphs=None
     """run(hidden, ckpt=LayerPass(...)), recomputed in the backward; with `offload` (CUDA, or CPU tensors
     under OFFLOAD_CPU_TENSORS) `hidden` and what `run` parks wait in host memory meanwhile. `slot` names
     the host buffers (one set per layer: its index). `graphs`: the forward's layer_graphs.StepGraphs, whose
-    `backward` then runs this layer's (offloaded layers only)."""
+    `backward` then runs this layer's (CUDA only)."""
     # The anchor makes the output require grad when the input does not (frozen embeddings under LoRA),
     # so that the backward runs and the layer's trainable parameters get their gradients.
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
     offload = bool(offload) and offload_applies(hidden)
-    if graphs is not None and offload:
+    if graphs is not None and hidden.is_cuda:
         graphs.forwarded(slot)
     else:
         graphs = None

@@ -456,15 +456,15 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
     graphs = None
     if checkpointing and any(modes):
         gc_pause.pause()  # until the backward's end (memory/gc_pause.py)
-        if "offload" in modes:  # the offloaded layers' backward may replay CUDA graphs (memory/layer_graphs.py)
-            graphs = layer_graphs.step_graphs(state, base.layers, ctx, hidden, top, output_hidden_states)
+        # the checkpointed layers' backward may replay CUDA graphs (memory/layer_graphs.py)
+        graphs = layer_graphs.step_graphs(state, base.layers, ctx, hidden, output_hidden_states)
     try:
         for idx, (layer, mode) in enumerate(zip(base.layers, modes)):
             if checkpointing and mode:
                 run = partial(decoder_layer_forward, layer, ctx=ctx, state=state, cache=None, layer_idx=idx)
                 # the top layer's backward comes first: its input stays on the GPU (memory/offload.py)
                 offload = mode == "offload" and idx < top
-                hidden = layer_checkpoint(run, hidden, idx, offload=offload, graphs=graphs if offload else None)
+                hidden = layer_checkpoint(run, hidden, idx, offload=offload, graphs=graphs)
             else:
                 hidden = decoder_layer_forward(layer, hidden, ctx, state, cache, idx)
             if all_hidden is not None:
