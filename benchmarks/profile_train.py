@@ -2,7 +2,7 @@
 """Where a training step's time goes: torch.profiler over a few steps of train.py's loop, per stack.
 
     python3 benchmarks/profile_train.py --stack fasttune --stack hf [--model llama-1b] [--quant 4bit] [--seq 2048] [--batch 2]
-        [--shapes] [--host] [--python] [--phases]
+        [--shapes] [--host] [--python] [--phases] [--memory FILE]
 
 Prints, per stack, the mean step time and the top kernels by device time and top operators by host
 time, so that a gap between two stacks can be pinned to the operators that cause it. A diagnostic,
@@ -39,8 +39,10 @@ def profile(stack: str, args) -> None:
 
     phases = []
 
-    def step(i, hold=None, timed=False):
+    def step(i, hold=None, timed=False, marks=None):
         ids = data[i * args.batch:(i + 1) * args.batch].cuda()
+        mark = marks or (lambda name: None)
+        mark(None)
         if hold:
             torch.cuda._sleep(hold)
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if timed else None
@@ -52,9 +54,12 @@ def profile(stack: str, args) -> None:
             marks[1].record()
             side = _offload_stream()  # fasttune's copies to the host: the event waits behind the forward's
             marks[2].record(side) if side is not None else marks[2].record()
+        mark("forward and loss")
         loss.backward()
+        mark("backward")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        mark("optimizer step")
         if timed:
             marks[3].record()
             phases.append(marks)
@@ -71,11 +76,13 @@ def profile(stack: str, args) -> None:
                            ("backward + optimizer", 1, 3), ("step", 0, 3)):
             times = [m[a].elapsed_time(m[b]) for m in phases]
             print(f"{name}: {', '.join(f'{t:.1f}' for t in times)} ms")
+    if args.memory:
+        memory_peaks(step, args)
     if args.host:
         host_time(step, args, stack)
     if args.python:
         python_profile(step, args)
-    if (args.host or args.python or args.phases) and not args.trace:
+    if (args.host or args.python or args.phases or args.memory) and not args.trace:
         return
     n = args.trace_steps if args.trace else args.steps
     t0 = time.perf_counter()
@@ -86,7 +93,7 @@ def profile(stack: str, args) -> None:
     if args.trace:  # the timeline (chrome://tracing, perfetto): which stream waits on what
         prof.export_chrome_trace(args.trace)
         print(f"trace written to {args.trace}")
-        if args.host or args.python or args.phases:
+        if args.host or args.python or args.phases or args.memory:
             return
     wall = (time.perf_counter() - t0) / n
     print(f"\n===== {stack}: {wall * 1000:.1f} ms/step under the profiler ({n} steps) =====")
@@ -97,6 +104,56 @@ def profile(stack: str, args) -> None:
         by_shape = prof.key_averages(group_by_input_shape=True)
         print(by_shape.table(sort_by="device_time_total", row_limit=args.rows * 2, max_name_column_width=40,
                              max_shapes_column_width=90))
+
+
+def memory_peaks(step, args) -> None:
+    """The allocator's peak in each phase of one step (forward with the loss, backward, optimizer step), then
+    one more step with the allocation history recorded, written to --memory for memory_peak.py (what is alive
+    at the peak, and who allocated it)."""
+    import pickle
+
+    import torch
+
+    import memory_peak
+
+    if args.steps < 2:
+        raise SystemExit("--memory runs two steps after the warm-up: give --steps 2 or more")
+    model_step = args.warmup
+    torch.cuda.synchronize()
+    for name, peak in phase_peaks(step, model_step):
+        print(f"peak allocated in the {name}: {peak / 2**30:.3f} GB")
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    step(model_step + 1)
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    snapshot["fasttune_baseline_bytes"] = baseline
+    with open(args.memory, "wb") as f:
+        pickle.dump(snapshot, f)
+    trace, _ = memory_peak.load(args.memory)
+    r = memory_peak.peak_live(trace, baseline)
+    print(f"allocation history of one step written to {args.memory}: baseline {baseline / 2**30:.3f} GB, "
+          f"peak {r['peak'] / 2**30:.3f} GB; alive at the peak:")
+    for site, nbytes, count in r["live_at_peak"][:15]:
+        print(f"{nbytes / 2**20:10.1f} MB  {count:5d} blocks  {site}")
+
+
+def phase_peaks(step, i) -> list:
+    """[(phase, peak allocated bytes)] of step i, the peak statistics reset at each phase's start."""
+    import torch
+
+    peaks = []
+
+    def mark(name):
+        torch.cuda.synchronize()
+        if name is not None:
+            peaks.append((name, torch.cuda.max_memory_allocated()))
+        torch.cuda.reset_peak_memory_stats()
+
+    step(i, marks=mark)
+    return peaks
 
 
 def pcie_bandwidth(nbytes: int, repeats: int = 12) -> None:
@@ -205,6 +262,9 @@ def main(argv=None) -> int:
     p.add_argument("--phases", action="store_true",
                    help="only the forward's and the backward's GPU time per step, and when the forward's copies "
                         "to the host are done (fasttune's offloaded checkpointing)")
+    p.add_argument("--memory", metavar="FILE",
+                   help="only the peak allocated memory of each phase of a step, and one step's allocation history "
+                        "written to FILE (benchmarks/memory_peak.py reads it)")
     p.add_argument("--trace", help="also write the profiler's timeline of the --steps steps here (chrome trace)")
     p.add_argument("--trace-steps", type=int, default=2, help="how many steps --trace records")
     args = p.parse_args(argv)
