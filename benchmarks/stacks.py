@@ -101,6 +101,14 @@ def gc_label(stack: str, gc: bool) -> str:
         stack, "transformers (use_reentrant=False)")
 
 
+def offload_embedding_override():
+    """BENCH_OFFLOAD_EMBEDDING=1 / 0: `offload_embedding=True` / `False` for the stacks that take it (fasttune,
+    Unsloth), so that both can be measured with the input embedding in host memory or both without; unset,
+    each stack's default ("auto" for both)."""
+    value = os.environ.get("BENCH_OFFLOAD_EMBEDDING", "")
+    return None if value == "" else value not in ("0", "false", "False")
+
+
 def load_for_training(stack: str, ckpt: str, spec, *, quant: str, method: str, seq: int, rank: int = 16,
                       alpha: int = 16, seed: int = 0, gc: bool = True):
     """The model in training mode, its trainable parameters set as `method` asks."""
@@ -111,6 +119,8 @@ def load_for_training(stack: str, ckpt: str, spec, *, quant: str, method: str, s
     if method not in ("lora", "full"):
         raise ValueError(f"method must be lora or full, got {method!r}")
     four_bit = quant == "4bit"
+    embedding = offload_embedding_override()
+    extra = {} if embedding is None else {"offload_embedding": embedding}
     if four_bit and method == "full":
         raise Unsupported("full fine-tuning of 4-bit weights is not a configuration any stack offers")
     targets = list(_targets())
@@ -121,7 +131,7 @@ def load_for_training(stack: str, ckpt: str, spec, *, quant: str, method: str, s
         try:
             model, _ = FastLanguageModel.from_pretrained(
                 str(ckpt), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=four_bit,
-                full_finetuning=method == "full", random_state=seed)
+                full_finetuning=method == "full", random_state=seed, **extra)
         except NotImplementedError as err:
             raise Unsupported(str(err)) from err
         if method == "lora":
@@ -136,7 +146,7 @@ def load_for_training(stack: str, ckpt: str, spec, *, quant: str, method: str, s
 
         model, _ = FastLanguageModel.from_pretrained(
             model_name=str(ckpt), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=four_bit,
-            full_finetuning=method == "full", use_gradient_checkpointing="unsloth" if gc else False)
+            full_finetuning=method == "full", use_gradient_checkpointing="unsloth" if gc else False, **extra)
         if method == "lora":
             model = FastLanguageModel.get_peft_model(
                 model, r=rank, lora_alpha=alpha, lora_dropout=0, bias="none", target_modules=targets,

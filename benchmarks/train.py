@@ -96,6 +96,19 @@ def train(model, data, args, device):
     return times, losses, norms, update, pauses.per_step, peaks
 
 
+def host_param_bytes(model) -> int:
+    """Bytes of the model's parameters held in host memory rather than on the GPU: on the CPU (a stack's own
+    offload), or fasttune's tables in pinned host memory that the GPU reads in place (offload_embedding)."""
+    module = sys.modules.get("fasttune.memory.host_embedding")  # other stacks' runs never import fasttune
+    is_host_resident = module.is_host_resident if module is not None else (lambda p: False)
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen and (p.device.type == "cpu" or is_host_resident(p)):
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
 def layer_graph_memory(stack: str, steady_peak: int) -> dict:
     """fasttune's captured layer backwards (fasttune/memory/layer_graphs.py): how many, and the memory their
     pool holds, which the allocator's peak does not see while a graph replays; the steady peak plus the pool
@@ -166,6 +179,7 @@ def main(argv=None) -> int:
         "lora": {"r": args.rank, "alpha": args.alpha, "dropout": 0.0, "targets": list(common.LORA_TARGETS)}
         if args.method == "lora" else None,
         "gradient_checkpointing": stacks.gc_label(args.stack, not args.no_gc),
+        "offload_embedding": {None: "stack default", True: True, False: False}[stacks.offload_embedding_override()],
         "data": f"uniform random tokens, seed {args.seed}, labels = inputs, no padding",
         "model_params_n": common.param_count(spec), "lora_params": lora_params,
     }
@@ -190,6 +204,7 @@ def main(argv=None) -> int:
             record["peak_alloc_steady_gb"] = round(peaks["steady"] / 2**30, 3)
             record["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
             record.update(layer_graph_memory(args.stack, peaks["steady"]))
+            record["params_in_host_memory_gb"] = round(host_param_bytes(model) / 2**30, 3)
         record.update(summarize(args, spec, times, losses, norms, update, lora_params,
                                 ceilings["bf16_matmul_tflops"]))
         timed_gc = {k: v for k, v in gc_pauses.items() if k >= args.warmup}

@@ -20,6 +20,7 @@ from .data.fixes import (
     sync_generation_eos,
 )
 from .data.tokenizer import fix_tokenizer as _fix_tokenizer
+from .memory import host_embedding
 from .memory.checkpointing import checkpoint_mode, set_gradient_checkpointing
 from .models import fast_state, install_fast_forward
 from .quant.fp8 import has_fp8_matmul
@@ -121,7 +122,7 @@ class FastLanguageModel:
         resize_model_vocab: int | None = None,
         revision: str | None = None,
         use_exact_model_name: bool = False,
-        offload_embedding: bool = False,
+        offload_embedding="auto",
         float32_mixed_precision: bool | None = None,
         fast_inference: bool = False,
         gpu_memory_utilization: float = 0.5,
@@ -141,6 +142,10 @@ class FastLanguageModel:
         activations quantized per row; `load_in_fp8="block"` uses 128 x 128 block scales (the layout of FP8
         checkpoints) and multiplies through the dequantized weight. Either overrides the 4-bit default. An FP8
         checkpoint (transformers' "fp8" format) loads with either and keeps the scales it was saved with.
+
+        `offload_embedding` ("auto", the default; True; False) keeps a frozen input embedding that lm_head does
+        not share in pinned host memory, read by the GPU in place (fasttune/memory/host_embedding.py: which
+        models, and what it costs); True also says why where it cannot, False keeps it in GPU memory.
 
         `use_exact_model_name` is accepted for compatibility: fasttune never rewrites model names.
         `gpu_memory_utilization`, `max_lora_rank` and `disable_log_stats` configure `fast_inference`
@@ -168,12 +173,13 @@ class FastLanguageModel:
         for argument, value, default, what in (
             ("fast_inference", fast_inference, False, "the batched inference engine is a later feature"),
             ("float8_kv_cache", float8_kv_cache, False, "it belongs to fast_inference"),
-            ("offload_embedding", offload_embedding, False, "embedding offload is a later memory feature"),
             ("unsloth_tiled_mlp", unsloth_tiled_mlp, False, "the tiled MLP is a later memory feature"),
             ("qat_scheme", qat_scheme, None, "quantization-aware training is not supported"),
         ):
             if value != default:
                 raise _not_yet(argument, value, what)
+        if offload_embedding not in (True, False, "auto"):
+            raise ValueError(f'offload_embedding must be True, False or "auto", got {offload_embedding!r}')
         gc_mode = checkpoint_mode(use_gradient_checkpointing)
         if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
             raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
@@ -250,6 +256,12 @@ class FastLanguageModel:
         if resize_model_vocab is not None:
             model.resize_token_embeddings(int(resize_model_vocab))
 
+        if offload_embedding:
+            reason = host_embedding.why_not(model, full_finetuning)
+            if reason is None:
+                host_embedding.offload_input_embedding(model, full_finetuning)
+            elif offload_embedding is True:
+                _notice(f"offload_embedding=True: the input embedding stays in GPU memory: {reason}")
         if not install_fast_forward(model):
             _notice(f"model_type {model.config.model_type!r} has no fast forward yet; using the transformers forward")
         positions = getattr(model.config, "max_position_embeddings", None)

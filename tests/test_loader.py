@@ -10,6 +10,7 @@ import torch
 
 from fasttune import FastLanguageModel
 from fasttune.hub import gguf_to_hf_dir
+from fasttune.memory import host_embedding
 from fasttune.models import fast_state
 from fasttune.models.llama import causal_lm_forward
 
@@ -18,7 +19,7 @@ EXPECTED_SIGNATURE = dict(
     model_name=None, max_seq_length=2048, dtype=None, load_in_4bit=True, load_in_8bit=False, load_in_16bit=False,
     full_finetuning=False, token=None, device_map="sequential", rope_scaling=None, fix_tokenizer=True,
     trust_remote_code=False, use_gradient_checkpointing="unsloth", resize_model_vocab=None, revision=None,
-    use_exact_model_name=False, offload_embedding=False, float32_mixed_precision=None, fast_inference=False,
+    use_exact_model_name=False, offload_embedding="auto", float32_mixed_precision=None, fast_inference=False,
     gpu_memory_utilization=0.5, float8_kv_cache=False, random_state=3407, max_lora_rank=64,
     disable_log_stats=True, qat_scheme=None, load_in_fp8=False, unsloth_tiled_mlp=False,
 )
@@ -66,13 +67,33 @@ def test_load_in_16bit_overrides_the_4bit_default(tiny_model_dir):
     "argument, value",
     [
         ("fast_inference", True), ("float8_kv_cache", True),
-        ("offload_embedding", True), ("unsloth_tiled_mlp", True), ("qat_scheme", "int4"),
+        ("unsloth_tiled_mlp", True), ("qat_scheme", "int4"),
     ],
 )
 def test_features_not_yet_available_say_so(tiny_model_dir, argument, value):
     kw = {"load_in_4bit": False, argument: value}
     with pytest.raises(NotImplementedError, match=argument):
         FastLanguageModel.from_pretrained(tiny_model_dir("llama"), **kw)
+
+
+def test_offload_embedding_values(tiny_model_dir, capsys):
+    with pytest.raises(ValueError, match="offload_embedding must be True, False or \"auto\""):
+        load(tiny_model_dir("llama"), offload_embedding="yes")
+    model, _ = load(tiny_model_dir("llama"), offload_embedding=True)  # on a CPU: says why it stays
+    assert "the input embedding stays in GPU memory: the model is not on a CUDA device" in capsys.readouterr().out
+    assert not host_embedding.is_host_resident(model.get_input_embeddings().weight)
+
+
+def test_offload_embedding_declines_what_it_must(tiny_model_dir):
+    """The reasons an input embedding stays where it is (the move itself needs CUDA: tests/gpu)."""
+    model, _ = load(tiny_model_dir("llama", tie_word_embeddings=True))
+    assert "tied embeddings" in host_embedding.why_not(model, full_finetuning=False)
+    model, _ = load(tiny_model_dir("llama"))
+    assert host_embedding.why_not(model, full_finetuning=True) == "full fine-tuning trains the table"
+    assert host_embedding.why_not(model, full_finetuning=False) == "the model is not on a CUDA device"
+    assert host_embedding.offload_input_embedding(model) == 0
+    with pytest.raises(ValueError, match="CUDA"):
+        host_embedding.host_resident_copy(torch.zeros(2, 2))
 
 
 def test_conflicting_bit_widths():

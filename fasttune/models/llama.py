@@ -46,7 +46,8 @@ from ..lora import (
     lora_qkv,
     why_not_fused,
 )
-from ..memory import gc_pause, layer_graphs
+from ..kernels.embedding import embedding
+from ..memory import gc_pause, host_embedding, layer_graphs
 from ..memory.offload import LayerPass, layer_checkpoint, residual_add
 from .rope import rope_inv_freq
 
@@ -430,6 +431,17 @@ def _note_ignored(kwargs: dict) -> None:
             warnings.warn(f"fasttune: the forward argument {name!r} has no effect in fasttune's forward", stacklevel=3)
 
 
+def embed_tokens(module, input_ids: torch.Tensor) -> torch.Tensor:
+    """module(input_ids); a frozen table in host memory (offload_embedding) is read by the gather kernel,
+    which goes over PCIe one row tile per program (kernels/embedding.py) where F.embedding's loads crawl."""
+    weight = getattr(module, "weight", None)
+    if (type(module) is torch.nn.Embedding and host_embedding.is_host_resident(weight)
+            and not (weight.requires_grad and torch.is_grad_enabled()) and input_ids.device == weight.device
+            and not (module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None))):
+        return embedding(input_ids, weight)
+    return module(input_ids)
+
+
 def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                 output_hidden_states=False):
     """The body of `Model.forward`: returns (last hidden state, cache, all hidden states or None)."""
@@ -437,7 +449,7 @@ def run_decoder(base, input_ids, attention_mask, position_ids, past_key_values, 
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     if inputs_embeds is None:
-        inputs_embeds = base.embed_tokens(input_ids)
+        inputs_embeds = embed_tokens(base.embed_tokens, input_ids)
         if state.embed_scale is not None:
             inputs_embeds = inputs_embeds * torch.tensor(state.embed_scale, dtype=inputs_embeds.dtype)
     if use_cache is None:
