@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 class Ptr:
     """A tensor argument of this dtype (a small, 16-byte aligned tensor stands in for it)."""
 
-    dtype: str  # "bf16", "fp16", "fp32", "u8", "i64"
+    dtype: str  # "bf16", "fp16", "fp32", "u8", "i16", "i32", "i64"
 
 
 @dataclass(frozen=True)
@@ -317,10 +317,20 @@ def _gemv_variants() -> list[Variant]:
     return out
 
 
+def _embedding_variants() -> list[Variant]:
+    # the table's bits as integers of the element's width: 2 bytes (bf16/fp16), 4 (fp32); int64 and int32 ids
+    return [
+        Variant(f"embedding_gather/{bits}-ids{ids}", "fasttune.kernels.embedding", "_gather_rows_kernel",
+                dict(W=Ptr(bits), IDS=Ptr(ids), OUT=Ptr(bits), vocab=128256, width=4096, BLOCK=1024),
+                dict(num_warps=4))
+        for bits, ids in (("i16", "i64"), ("i32", "i64"), ("i16", "i32"))
+    ]
+
+
 def variants() -> list[Variant]:
     return [
         *_rms_norm_variants(), *_activation_variants(), *_rope_variants(), *_cross_entropy_variants(),
-        *_nf4_variants(), *_gemv_variants(),
+        *_nf4_variants(), *_gemv_variants(), *_embedding_variants(),
     ]
 
 
@@ -387,7 +397,8 @@ def cuda_target_missing() -> str | None:
 # Compilation (in a process where TRITON_INTERPRET is off)
 # --------------------------------------------------------------------------------------------
 
-_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "u8": "uint8", "i64": "int64"}
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "u8": "uint8", "i16": "int16",
+                 "i32": "int32", "i64": "int64"}
 _PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
