@@ -175,12 +175,17 @@ def ceilings(data: dict) -> dict:
             "copy_gbs_median": statistics.median(copies) if copies else None, "n": len(peaks)}
 
 
+def _short_commit(commit: str) -> str:
+    """A full 40-digit hash as its first 12 digits (records made with FASTTUNE_GIT_COMMIT carry full ones)."""
+    return commit[:12] if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit) else commit
+
+
 def provenance_line(data: dict) -> str:
     records = [r for runs in data.values() for r in runs.values()]
     if not records:
         return ""
     dates = sorted(r.get("date", "") for r in records if r.get("date"))
-    commits = sorted({r.get("git_commit", "?") for r in records})
+    commits = sorted({_short_commit(r.get("git_commit", "?")) for r in records})
     v = records[-1].get("versions", {})
     names = ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth", "triton")
     seen = {}

@@ -207,3 +207,12 @@ def test_memory_peak_finds_what_is_alive_at_the_peak(tmp_path, capsys):
     with open(path, "wb") as f:
         pickle.dump({"device_traces": [[]], "segments": []}, f)
     assert memory_peak.main([str(path)]) == 1
+
+
+def test_provenance_line_shortens_full_commit_hashes():
+    full = "4694185ccfce750066d0c0e0bbeb947a20f17da4"
+    data = {"train": {"a": {"git_commit": full, "date": "2026-12-06T17:56:06Z"},
+                      "b": {"git_commit": "b7555576cc2f+uncommitted", "date": "2026-11-22T10:00:00Z"}}}
+    line = report.provenance_line(data)
+    assert "commit 4694185ccfce, b7555576cc2f+uncommitted;" in line and full not in line
+    assert "2026-11-22 to 2026-12-06" in line
