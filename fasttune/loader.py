@@ -20,7 +20,7 @@ from .data.fixes import (
     sync_generation_eos,
 )
 from .data.tokenizer import fix_tokenizer as _fix_tokenizer
-from .memory import host_embedding
+from .memory import allocator, host_embedding
 from .memory.checkpointing import checkpoint_mode, set_gradient_checkpointing
 from .models import fast_state, install_fast_forward
 from .quant.fp8 import has_fp8_matmul
@@ -147,6 +147,10 @@ class FastLanguageModel:
         not share in pinned host memory, read by the GPU in place (fasttune/memory/host_embedding.py: which
         models, and what it costs); True also says why where it cannot, False keeps it in GPU memory.
 
+        On a CUDA machine the allocator's new segments become expandable (less memory lost to fragmentation),
+        unless PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF is set or FASTTUNE_EXPANDABLE_SEGMENTS=0
+        (fasttune/memory/allocator.py).
+
         `use_exact_model_name` is accepted for compatibility: fasttune never rewrites model names.
         `gpu_memory_utilization`, `max_lora_rank` and `disable_log_stats` configure `fast_inference`
         and have no effect without it.
@@ -193,6 +197,7 @@ class FastLanguageModel:
             # the trainer's autocast (bf16=True / fp16=True) runs the matmuls in 16 bits.
             torch_dtype = torch.float32
 
+        allocator.use_expandable_segments()  # before the weights reserve GPU memory; see memory/allocator.py
         source = hub.resolve(model_name)
         if source.adapter_dir is not None:
             return _load_adapter(source, call, gc_mode)
