@@ -53,8 +53,8 @@ import torch
 
 from .offload import LayerPass, recompute_backward
 
-# Off unless asked for (module docstring: their memory); FASTTUNE_LAYER_GRAPHS=1 turns them on.
-_ENABLED = os.environ.get("FASTTUNE_LAYER_GRAPHS", "0") not in ("", "0", "false", "False")
+# On unless FASTTUNE_LAYER_GRAPHS=0 (module docstring: what they cost in memory).
+_ENABLED = os.environ.get("FASTTUNE_LAYER_GRAPHS", "1") not in ("", "0", "false", "False")
 
 # captures, replays, eager backward runs of eligible layers, failed captures
 stats = {"captures": 0, "replays": 0, "eager": 0, "failed": 0}
