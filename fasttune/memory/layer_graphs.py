@@ -33,14 +33,19 @@ whose parameters, adapters or scalings change is captured again (`fingerprint`).
 starts a new set of graphs (and frees the old pool): shapes that change every step (padded batches)
 never capture and run eagerly.
 
-Off by default; FASTTUNE_LAYER_GRAPHS=1 turns them on. Measured on Llama-3.1-8B QLoRA (2 x 2048 tokens,
-H100; benchmarks/results/nvidia-h100-80gb-hbm3/train_issue7_graphs.json): tokens/s equal to the eager
-backward on machines whose host keeps up (12,527 vs 12,575), 4.5% more on one that does not (12,192 vs
-11,666), and with the host slowed by other processes on its cores it finished a run the eager backward
-did not within the same time. The cost is memory the eager backward shares with the rest of the step:
-the pool holds the largest layer's backward temporaries (0.79 GB there) for good, plus the input
-buffers, so the step's footprint (allocator peak + pool: `pool_bytes`, which the allocator's peak does
-not see while a graph replays) grows from 6.87 to 7.67 GB, over Unsloth's 7.03.
+On by default; FASTTUNE_LAYER_GRAPHS=0 turns them off. Measured on Llama-3.1-8B QLoRA (2 x 2048 tokens,
+H100; benchmarks/results/nvidia-h100-80gb-hbm3/train_issue7_graphs.json and
+train_issue7_graphs_default.json): tokens/s equal to the eager backward on machines whose host keeps up
+(12,527 vs 12,575), more where it does not (12,192 vs 11,666; 12,422 against eager runs of
+11,006-12,192 on one machine), and
+steady step times (0.326-0.334 s where the eager steps of the same machine took 0.32-0.45 s). The cost
+is memory the eager backward shares with the rest of the step: the pool holds the largest layer's
+backward temporaries (0.79 GB there) for good, plus the input buffers (`pool_bytes`, which the
+allocator's peak does not see while a graph replays). With the input embedding in GPU memory the step's
+footprint (allocator peak + pool) grew from 6.87 to 7.67 GB, over Unsloth's 7.03, so they were off by
+default; with it in host memory (memory/host_embedding.py, the default for untied models) it is 6.69 GB.
+The caching allocator's reserve grows more than that (8.5-9.4 GB against 7.7-7.9 eager), most likely
+the eager warm-up's freed blocks cached beside the private pool (not yet measured).
 """
 
 from __future__ import annotations
